@@ -1,0 +1,46 @@
+"""Shared fixtures and the framework markers.
+
+Tests marked `torch` or `jax` are skipped when that framework is not installed, unless the
+environment variable WEIGHTBRIDGE_REQUIRE names it (comma-separated): then a missing framework
+is a failure, so CI cannot go green by silently skipping what it was told to test.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import pytest
+
+_FRAMEWORK_MODULES = {"torch": "torch", "jax": "flax", "tensorflow": "tensorflow"}
+
+
+def _required() -> set[str]:
+    return {s.strip() for s in os.environ.get("WEIGHTBRIDGE_REQUIRE", "").split(",") if s.strip()}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    required = _required()
+    for item in items:
+        for marker, module in _FRAMEWORK_MODULES.items():
+            # A required framework that is missing already failed the session in
+            # pytest_sessionstart, so only optional ones are skipped here.
+            if (
+                marker in item.keywords
+                and marker not in required
+                and importlib.util.find_spec(module) is None
+            ):
+                item.add_marker(pytest.mark.skip(reason=f"{module} is not installed"))
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    missing = [
+        m
+        for m in _required()
+        if m in _FRAMEWORK_MODULES and importlib.util.find_spec(_FRAMEWORK_MODULES[m]) is None
+    ]
+    if missing:
+        raise pytest.UsageError(
+            f"WEIGHTBRIDGE_REQUIRE asks for {missing}, which are not installed; install them "
+            "(see .ci/run) or unset WEIGHTBRIDGE_REQUIRE"
+        )

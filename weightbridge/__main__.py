@@ -1,0 +1,5 @@
+import sys
+
+from weightbridge.cli import main
+
+sys.exit(main())

@@ -1,0 +1,157 @@
+"""The two protocols every format module implements, and helpers they share.
+
+A `Reader` answers `specs()` from headers alone and `read(name)` with a read-only numpy array,
+memory-mapped where the bytes are contiguous on disk. A `ShardWriter` writes one output file whose
+full layout (every tensor's spec, in order) is declared up front; it then takes each tensor's
+data as C-order tiles of whole rows along axis 0, in order, and `close()` flushes and fsyncs.
+Atomic commit (temp name, rename) and the journal belong to `weightbridge.stream`, not here.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+
+from weightbridge import dtypes
+from weightbridge.errors import FormatError
+from weightbridge.spec import CheckpointSpec, TensorSpec
+
+
+@dataclass(frozen=True, slots=True)
+class ByteRange:
+    """Where a tensor's raw bytes (C order, little-endian, its spec's dtype) sit in a file."""
+
+    path: str
+    offset: int
+    length: int
+
+
+@runtime_checkable
+class Reader(Protocol):
+    """Reads one checkpoint (one or more files)."""
+
+    path: str
+
+    def specs(self) -> CheckpointSpec: ...
+
+    def read(self, name: str) -> np.ndarray: ...
+
+    def byte_range(self, name: str) -> ByteRange | None: ...
+
+    def release(self, name: str) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class ShardWriter(Protocol):
+    """Writes one output file with a layout declared up front."""
+
+    def __init__(
+        self, path: str, tensors: Sequence[TensorSpec], metadata: dict[str, str] | None = None
+    ) -> None: ...
+
+    def write(self, name: str, tile: np.ndarray, row: int) -> None: ...
+
+    def copy_from(self, name: str, src: ByteRange) -> bool: ...
+
+    def close(self) -> None: ...
+
+    def abort(self) -> None: ...
+
+
+class BaseReader:
+    """Context-manager plumbing and a default `byte_range`/`release` for readers."""
+
+    path: str
+
+    def specs(self) -> CheckpointSpec:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def read(self, name: str) -> np.ndarray:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def byte_range(self, name: str) -> ByteRange | None:
+        return None
+
+    def release(self, name: str) -> None:
+        """Tell the reader `name` is done with, so mapped pages can leave this process's RSS."""
+
+    def close(self) -> None:
+        pass
+
+    def _missing(self, name: str) -> FormatError:
+        names = self.specs().names
+        near = [n for n in names if name.split(".")[-1] in n][:5] or names[:5]
+        return FormatError(f"{self.path}: no tensor named {name!r}; some names it has: {near}")
+
+    def __enter__(self) -> BaseReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class MappedFile:
+    """A read-only memory map of a whole file, shared by the tensors inside it.
+
+    Mapped pages are page cache, not anonymous memory: the kernel can drop them under pressure,
+    so mapping a file larger than RAM is fine. `release` advises the kernel we are done with a
+    range so it leaves our RSS promptly.
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.size = os.stat(path).st_size
+        self._mm: mmap.mmap | None = None
+        if self.size:
+            with open(path, "rb") as f:
+                self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+
+    def array(self, offset: int, spec: TensorSpec) -> np.ndarray:
+        dt = dtypes.to_numpy(spec.dtype)
+        if spec.numel == 0 or self._mm is None:
+            return np.empty(spec.shape, dtype=dt)
+        arr = np.frombuffer(self._mm, dtype=dt, count=spec.numel, offset=offset)
+        return arr.reshape(spec.shape)
+
+    def release(self, offset: int, length: int) -> None:
+        if self._mm is None or length <= 0 or not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        page = mmap.PAGESIZE
+        start = (offset // page) * page
+        try:
+            self._mm.madvise(mmap.MADV_DONTNEED, start, min(offset + length, self.size) - start)
+        except (OSError, ValueError):  # advice only; never worth failing a conversion over
+            pass
+
+    def close(self) -> None:
+        if self._mm is not None:
+            try:
+                self._mm.close()
+            except BufferError:  # a caller still holds a view; the GC closes it later
+                pass
+            self._mm = None
+
+
+def check_safe_relative(path_in_index: Any, *, index_path: str, what: str = "shard") -> str:
+    """Refuse absolute paths and `..` in a name an index or archive gives us."""
+    if not isinstance(path_in_index, str) or not path_in_index:
+        raise FormatError(
+            f"{index_path}: {what} name must be a non-empty string, found {path_in_index!r}"
+        )
+    norm = path_in_index.replace("\\", "/")
+    if (
+        norm.startswith("/")
+        or any(part == ".." for part in norm.split("/"))
+        or ":" in norm.split("/")[0]
+    ):
+        raise FormatError(
+            f"{index_path}: {what} path {path_in_index!r} points outside the checkpoint directory; "
+            "refusing to read it (an index may only name files beside it)"
+        )
+    return norm

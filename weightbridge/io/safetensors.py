@@ -1,0 +1,291 @@
+"""safetensors: header-first reader and streaming writer (single files; see `sharded` for indexes).
+
+Layout: 8-byte little-endian header length N, N bytes of JSON (padded with spaces to a multiple
+of 8), then the data; each tensor's ``data_offsets`` are relative to the end of the header.
+We parse the header ourselves (rather than `safetensors.safe_open`) so that every offset is
+checked against the file size with one ``stat`` before any data is touched, and so tensors come
+back as zero-copy memory maps. The `safetensors` package is the oracle in the tests.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from weightbridge import dtypes
+from weightbridge.errors import DtypeError, FormatError
+from weightbridge.io.base import BaseReader, ByteRange, MappedFile
+from weightbridge.spec import CheckpointSpec, TensorSpec
+
+NAME = "safetensors"
+SUFFIXES = (".safetensors",)
+
+# safetensors itself refuses headers over 100 MB; a larger claim means a corrupt or hostile file,
+# and refusing it early keeps us from allocating what the file claims.
+MAX_HEADER_BYTES = 100_000_000
+# The header is padded so the data starts 8-byte aligned, as the reference writer does.
+HEADER_ALIGN = 8
+
+
+def detect(path: str, head: bytes) -> bool:
+    """True when the first bytes look like a safetensors header: a sane length, then '{'."""
+    if len(head) < 9:
+        return False
+    (n,) = struct.unpack("<Q", head[:8])
+    return 0 < n <= MAX_HEADER_BYTES and head[8:9] == b"{"
+
+
+def parse_header(path: str) -> tuple[int, dict[str, Any]]:
+    """Return (data start offset, header dict) after validating the framing."""
+    try:
+        size = os.stat(path).st_size
+        with open(path, "rb") as f:
+            raw_len = f.read(8)
+            if len(raw_len) < 8:
+                raise FormatError(
+                    f"{path}: file is truncated: a safetensors file starts with an 8-byte header "
+                    f"length, but the file has {size} bytes"
+                )
+            (n,) = struct.unpack("<Q", raw_len)
+            if n > MAX_HEADER_BYTES:
+                raise FormatError(
+                    f"{path}: header length {n} is absurd (limit {MAX_HEADER_BYTES} bytes); "
+                    "the file is corrupt or not safetensors"
+                )
+            if 8 + n > size:
+                raise FormatError(
+                    f"{path}: file is truncated: header declares {n} header bytes, "
+                    f"file is {size} bytes"
+                )
+            raw = f.read(n)
+    except FileNotFoundError as e:
+        raise FormatError(f"{path}: file not found") from e
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise FormatError(f"{path}: safetensors header is not valid UTF-8 JSON ({e})") from e
+    if not isinstance(header, dict):
+        raise FormatError(
+            f"{path}: safetensors header must be a JSON object, found {type(header).__name__}"
+        )
+    return 8 + n, header
+
+
+class SafetensorsReader(BaseReader):
+    """Reads one `.safetensors` file; tensors are zero-copy memory maps."""
+
+    def __init__(self, path: str) -> None:
+        self.path = os.fspath(path)
+        self._data_start, header = parse_header(self.path)
+        size = os.stat(self.path).st_size
+        meta = header.pop("__metadata__", None) or {}
+        if not isinstance(meta, dict):
+            raise FormatError(f"{self.path}: __metadata__ must be an object of strings")
+        self._offsets: dict[str, tuple[int, int]] = {}
+        tensors: list[TensorSpec] = []
+        spans: list[tuple[int, int, str]] = []
+        for name, entry in header.items():
+            spec, (begin, end) = self._parse_entry(name, entry)
+            tensors.append(spec)
+            self._offsets[name] = (begin, end)
+            spans.append((begin, end, name))
+        spans.sort()
+        prev_end, prev_name = 0, None
+        for begin, end, name in spans:
+            if begin < prev_end:
+                raise FormatError(
+                    f"{self.path}: tensor {name!r} bytes [{begin}, {end}) overlap tensor "
+                    f"{prev_name!r} which ends at {prev_end}; the header is corrupt"
+                )
+            prev_end, prev_name = end, name
+        if self._data_start + prev_end > size:
+            raise FormatError(
+                f"{self.path}: file is truncated: header declares data through byte "
+                f"{self._data_start + prev_end}, file is {size} bytes (tensor {prev_name!r})"
+            )
+        # Keep the file's own order by offset: reading in that order is sequential on disk.
+        order = {name: i for i, (_, _, name) in enumerate(spans)}
+        tensors.sort(key=lambda t: order[t.name])
+        self._spec = CheckpointSpec(tuple(tensors), {str(k): str(v) for k, v in meta.items()})
+        self._file: MappedFile | None = None
+
+    def _parse_entry(self, name: str, entry: Any) -> tuple[TensorSpec, tuple[int, int]]:
+        where = f"{self.path}: tensor {name!r}"
+        if not isinstance(entry, dict):
+            raise FormatError(f"{where}: header entry must be an object, found {entry!r}")
+        shape, offsets = entry.get("shape"), entry.get("data_offsets")
+        if not isinstance(shape, list) or not all(
+            isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
+        ):
+            raise FormatError(
+                f"{where}: shape must be a list of non-negative integers, found {shape!r}"
+            )
+        if (
+            not isinstance(offsets, list)
+            or len(offsets) != 2
+            or not all(isinstance(o, int) and not isinstance(o, bool) and o >= 0 for o in offsets)
+            or offsets[1] < offsets[0]
+        ):
+            raise FormatError(
+                f"{where}: data_offsets must be [begin, end] with 0 <= begin <= end, found {offsets!r}"
+            )
+        try:
+            spec = TensorSpec(name, tuple(shape), entry.get("dtype", "?"))
+        except DtypeError as e:
+            raise FormatError(f"{where}: {e}") from e
+        begin, end = offsets
+        if end - begin != spec.nbytes:
+            raise FormatError(
+                f"{where}: shape {tuple(shape)} of {spec.dtype} needs {spec.nbytes} bytes, "
+                f"but data_offsets {offsets} span {end - begin}"
+            )
+        return spec, (begin, end)
+
+    def specs(self) -> CheckpointSpec:
+        return self._spec
+
+    def _mapped(self) -> MappedFile:
+        if self._file is None:
+            self._file = MappedFile(self.path)
+        return self._file
+
+    def read(self, name: str) -> np.ndarray:
+        if name not in self._offsets:
+            raise self._missing(name)
+        begin, _ = self._offsets[name]
+        return self._mapped().array(self._data_start + begin, self._spec[name])
+
+    def byte_range(self, name: str) -> ByteRange:
+        begin, end = self._offsets[name]
+        return ByteRange(self.path, self._data_start + begin, end - begin)
+
+    def release(self, name: str) -> None:
+        if self._file is not None and name in self._offsets:
+            begin, end = self._offsets[name]
+            self._file.release(self._data_start + begin, end - begin)
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+def encode_header(tensors: Sequence[TensorSpec], metadata: dict[str, str] | None) -> bytes:
+    """The exact header bytes (length prefix included) for tensors laid out in the given order."""
+    header: dict[str, Any] = {}
+    if metadata:
+        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+    offset = 0
+    for t in tensors:
+        header[t.name] = {
+            "dtype": t.dtype,
+            "shape": list(t.shape),
+            "data_offsets": [offset, offset + t.nbytes],
+        }
+        offset += t.nbytes
+    body = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    body += b" " * (-len(body) % HEADER_ALIGN)
+    return struct.pack("<Q", len(body)) + body
+
+
+class SafetensorsWriter:
+    """Writes one `.safetensors` file: header first, then each tensor's bytes in order."""
+
+    suffix = ".safetensors"
+
+    def __init__(
+        self, path: str, tensors: Sequence[TensorSpec], metadata: dict[str, str] | None = None
+    ) -> None:
+        self.path = path
+        self._tensors = list(tensors)
+        self._f = open(path, "wb")  # noqa: SIM115 - closed in close()/abort()
+        header = encode_header(self._tensors, metadata)
+        self._f.write(header)
+        self._expect = iter(self._tensors)
+        self._current: TensorSpec | None = None
+        self._written = 0
+
+    def _advance(self, name: str) -> TensorSpec:
+        if (
+            self._current is not None
+            and self._written == self._current.nbytes
+            and self._current.name != name
+        ):
+            self._current = None
+        if self._current is None:
+            self._current = next(self._expect, None)
+            self._written = 0
+        if self._current is None or self._current.name != name:
+            expected = self._current.name if self._current else "nothing more"
+            raise FormatError(f"{self.path}: writer expected tensor {expected!r}, got {name!r}")
+        return self._current
+
+    def write(self, name: str, tile: np.ndarray, row: int) -> None:
+        spec = self._advance(name)
+        data = np.ascontiguousarray(tile)
+        if data.dtype != dtypes.to_numpy(spec.dtype):
+            raise FormatError(
+                f"{self.path}: tensor {name!r} expects {spec.dtype}, got {data.dtype}"
+            )
+        self._f.write(data.reshape(-1).view(np.uint8).data)
+        self._written += data.nbytes
+
+    def copy_from(self, name: str, src: ByteRange) -> bool:
+        """Copy raw bytes file to file in the kernel (no pass through Python memory)."""
+        spec = self._advance(name)
+        if src.length != spec.nbytes or not hasattr(os, "copy_file_range"):
+            return False
+        self._f.flush()
+        out_fd = self._f.fileno()
+        with open(src.path, "rb") as fin:
+            in_off, remaining = src.offset, src.length
+            out_off = self._f.tell()
+            while remaining:
+                try:
+                    n = os.copy_file_range(fin.fileno(), out_fd, remaining, in_off, out_off)
+                except OSError:
+                    n = 0
+                if n == 0:  # cross-device or unsupported: fall back to plain reads
+                    fin.seek(in_off)
+                    self._f.seek(out_off)
+                    while remaining:
+                        chunk = fin.read(min(remaining, 16 << 20))
+                        if not chunk:
+                            raise FormatError(
+                                f"{src.path}: unexpected end of file copying {name!r}"
+                            )
+                        self._f.write(chunk)
+                        remaining -= len(chunk)
+                    break
+                in_off += n
+                out_off += n
+                remaining -= n
+            self._f.seek(out_off)
+        self._written += src.length
+        return True
+
+    def close(self) -> None:
+        if self._current is not None and self._written != self._current.nbytes:
+            raise FormatError(f"{self.path}: tensor {self._current.name!r} incomplete at close")
+        if self._current is None or self._written == self._current.nbytes:
+            rest = [t.name for t in self._expect]
+            if rest:
+                raise FormatError(f"{self.path}: closing before tensors {rest[:5]} were written")
+        self._f.flush()
+        os.fsync(self._f.fileno())
+        self._f.close()
+
+    def abort(self) -> None:
+        self._f.close()
+
+
+Writer = SafetensorsWriter
+
+
+def open_reader(path: str) -> SafetensorsReader:
+    return SafetensorsReader(path)

@@ -1,0 +1,137 @@
+"""Sharded checkpoints: an index JSON (Hugging Face style) naming the shard of each tensor.
+
+``model.safetensors.index.json`` is ``{"metadata": {"total_size": N}, "weight_map": {name:
+shard}}``. We write the same structure for npz and h5 shards (``model.npz.index.json``). A path
+may name the index file or the directory holding it. Every shard path is checked to stay inside
+the directory, every shard must exist, and the index must agree with the shards' own headers,
+all before any tensor data is read.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+from typing import Any
+
+import numpy as np
+
+from weightbridge.errors import FormatError
+from weightbridge.io.base import BaseReader, ByteRange, check_safe_relative
+from weightbridge.spec import CheckpointSpec
+
+NAME = "sharded"
+SUFFIXES = (".index.json",)
+INDEX_SUFFIX = ".index.json"
+
+
+def find_index(path: str) -> str | None:
+    if os.path.isfile(path) and path.endswith(INDEX_SUFFIX):
+        return path
+    if os.path.isdir(path):
+        found = sorted(glob.glob(os.path.join(glob.escape(path), "*" + INDEX_SUFFIX)))
+        if len(found) > 1:
+            raise FormatError(
+                f"{path}: several index files {[os.path.basename(f) for f in found]}; "
+                "pass the one you mean"
+            )
+        return found[0] if found else None
+    return None
+
+
+def detect(path: str, head: bytes) -> bool:
+    return find_index(path) is not None
+
+
+class ShardedReader(BaseReader):
+    """Reads a checkpoint split over several files by an index."""
+
+    def __init__(self, path: str) -> None:
+        from weightbridge.io import open_reader
+
+        index_path = find_index(path)
+        if index_path is None:
+            raise FormatError(f"{path}: no '*{INDEX_SUFFIX}' index file here")
+        self.path = index_path
+        base = os.path.dirname(os.path.abspath(index_path))
+        try:
+            with open(index_path, encoding="utf-8") as f:
+                index: Any = json.load(f)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise FormatError(f"{index_path}: index is not valid JSON ({e})") from e
+        weight_map = index.get("weight_map") if isinstance(index, dict) else None
+        if not isinstance(weight_map, dict):
+            raise FormatError(f"{index_path}: index must be an object with a 'weight_map' object")
+        shard_names: dict[str, None] = {}
+        for shard in weight_map.values():
+            shard_names[check_safe_relative(shard, index_path=index_path)] = None
+        self._readers: dict[str, Any] = {}
+        for shard in shard_names:
+            shard_path = os.path.join(base, shard)
+            if not os.path.isfile(shard_path):
+                raise FormatError(
+                    f"{index_path}: index names shard {shard!r}, which does not exist in {base}"
+                )
+            self._readers[shard] = open_reader(shard_path)
+        self._where: dict[str, Any] = {}
+        tensors = []
+        for shard, reader in self._readers.items():
+            for spec in reader.specs():
+                claimed = weight_map.get(spec.name)
+                if claimed is None:
+                    raise FormatError(
+                        f"{index_path}: shard {shard!r} holds tensor {spec.name!r}, which the index "
+                        "does not list; the index and shards are out of step"
+                    )
+                if check_safe_relative(claimed, index_path=index_path) != shard:
+                    continue  # the index says this tensor lives elsewhere; that shard is read
+                self._where[spec.name] = reader
+                tensors.append(spec)
+        missing = [n for n in weight_map if n not in self._where]
+        if missing:
+            raise FormatError(
+                f"{index_path}: index lists {len(missing)} tensor(s) its shards do not hold, e.g. "
+                f"{missing[0]!r} in {weight_map[missing[0]]!r}"
+            )
+        metadata = index.get("metadata") if isinstance(index.get("metadata"), dict) else {}
+        self._spec = CheckpointSpec(tuple(tensors), {k: str(v) for k, v in metadata.items()})
+
+    def specs(self) -> CheckpointSpec:
+        return self._spec
+
+    def read(self, name: str) -> np.ndarray:
+        if name not in self._where:
+            raise self._missing(name)
+        arr: np.ndarray = self._where[name].read(name)
+        return arr
+
+    def byte_range(self, name: str) -> ByteRange | None:
+        result: ByteRange | None = self._where[name].byte_range(name)
+        return result
+
+    def release(self, name: str) -> None:
+        self._where[name].release(name)
+
+    def close(self) -> None:
+        for r in self._readers.values():
+            r.close()
+
+
+def open_reader(path: str) -> ShardedReader:
+    return ShardedReader(path)
+
+
+def write_index(
+    path: str, weight_map: dict[str, str], total_size: int, metadata: dict[str, str] | None = None
+) -> None:
+    """Write an index file atomically (temp name, fsync, rename)."""
+    meta: dict[str, Any] = {"total_size": total_size}
+    if metadata:
+        meta.update(metadata)
+    body = json.dumps({"metadata": meta, "weight_map": weight_map}, indent=2) + "\n"
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(body)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)

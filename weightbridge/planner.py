@@ -1,0 +1,203 @@
+"""Make a plan from specs: explicit renames, framework layouts, then pairing with the target.
+
+Pure functions of specs; no file is opened here. The order is: the user's rename rules
+(regexes with back-references, applied in order like the hand-written ``re.sub`` chains they
+replace), then the framework layout change of each parameter (axis order and leaf names), then
+pairing with the target spec by name. Whatever is still unpaired is handed to a `matcher`
+callable when one is given (the automatic matcher plugs in there); otherwise it is an error
+that lists both sides.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from weightbridge import dtypes
+from weightbridge.errors import PlanError, RuleError
+from weightbridge.layouts import canonical_framework, convert_param
+from weightbridge.ops import Cast, Op, Reshape, infer
+from weightbridge.plan import Plan, Step
+from weightbridge.spec import CheckpointSpec, TensorSpec
+
+_FLOATS = {"F16", "BF16", "F32", "F64", "F8_E4M3", "F8_E5M2"}
+
+
+@dataclass(frozen=True, slots=True)
+class Rename:
+    """Rename source tensors whose name matches `pattern` (``re.sub`` semantics, ``\\1`` works).
+
+    An empty result drops the tensor (it is reported as unused, "dropped by rule").
+    """
+
+    pattern: str
+    replacement: str
+
+    def __post_init__(self) -> None:
+        try:
+            re.compile(self.pattern)
+        except re.error as e:
+            raise RuleError(
+                f"rename rule {self.pattern!r}: not a valid regular expression ({e})"
+            ) from e
+
+    def apply(self, name: str) -> str:
+        try:
+            return re.sub(self.pattern, self.replacement, name)
+        except (re.error, IndexError) as e:
+            raise RuleError(
+                f"rename rule {self.pattern!r} -> {self.replacement!r} failed on {name!r} ({e}); "
+                "check the group numbers in the replacement"
+            ) from e
+
+    @classmethod
+    def parse(cls, text: str) -> Rename:
+        """Parse ``PATTERN=REPLACEMENT`` (the CLI's ``--rename``)."""
+        if "=" not in text:
+            raise RuleError(
+                f"rename {text!r} must look like PATTERN=REPLACEMENT, e.g. '^module\\.='"
+            )
+        pattern, replacement = text.split("=", 1)
+        return cls(pattern, replacement)
+
+
+# A matcher pairs what names alone could not: (unpaired source specs, unpaired target specs)
+# -> list of (target name, source name(s), ops).
+Matcher = Callable[
+    [Sequence[TensorSpec], Sequence[TensorSpec]], list[tuple[str, tuple[str, ...], tuple[Op, ...]]]
+]
+
+
+def make_plan(
+    source: CheckpointSpec,
+    target: CheckpointSpec | None = None,
+    *,
+    renames: Sequence[Rename] = (),
+    from_framework: str | None = None,
+    to_framework: str | None = None,
+    dtype: str | None = None,
+    matcher: Matcher | None = None,
+) -> Plan:
+    """Plan a conversion of `source` into `target` (or into what the renames produce).
+
+    Args:
+        source: specs of the checkpoint to read ("theirs").
+        target: specs to produce ("mine"); None means "whatever the rules and layouts give".
+        renames: rename rules, applied in order to every source name.
+        from_framework, to_framework: layout conventions (``pytorch``, ``flax``, ``keras``...).
+        dtype: cast floating-point tensors to this dtype.
+        matcher: pairs tensors left unpaired by name (see `weightbridge.match`).
+
+    Raises:
+        PlanError: unpaired tensors (both sides listed, with shapes) or ops that do not fit.
+
+    >>> src = CheckpointSpec.of([TensorSpec("fc.weight", (4, 3), "F32")])
+    >>> print(make_plan(src, from_framework="pytorch", to_framework="flax").explain())
+    target     shape  dtype  source     ops
+    ---------  -----  -----  ---------  ---
+    fc.kernel  3x4    F32    fc.weight  permute(1,0)
+    """
+    src_fw, dst_fw = canonical_framework(from_framework), canonical_framework(to_framework)
+    cast_to = dtypes.canonical(dtype) if dtype else None
+    unused: dict[str, str] = {}
+    candidates: dict[str, tuple[TensorSpec, tuple[Op, ...]]] = {}
+    for t in source:
+        name = t.name
+        for rule in renames:
+            name = rule.apply(name)
+        if not name:
+            unused[t.name] = "dropped by rule"
+            continue
+        ops: tuple[Op, ...] = ()
+        if src_fw and dst_fw and src_fw != dst_fw:
+            change = convert_param(
+                name,
+                t.shape,
+                src_fw,
+                dst_fw,
+                target[name].shape if target is not None and name in target else None,
+            )
+            head = name[: len(name) - len(re.split(r"[./]", name)[-1])]
+            name, ops = head + change.leaf, change.ops
+        if name in candidates:
+            other = candidates[name][0].name
+            raise PlanError(
+                f"source tensors {other!r} and {t.name!r} both become {name!r}; "
+                "fix the rename rules so each target name comes from one source"
+            )
+        candidates[name] = (t, ops)
+
+    steps: list[Step] = []
+    if target is None:
+        for name, (t, ops) in candidates.items():
+            shape, dt = infer(ops, [t.shape], t.dtype, where=f"tensor {t.name!r}")
+            ops, dt = _with_cast(ops, dt, cast_to)
+            steps.append(Step(TensorSpec(name, shape, dt), (t.name,), ops))
+        return Plan.build(source, steps, unused=unused)
+
+    paired: dict[str, tuple[tuple[str, ...], tuple[Op, ...]]] = {}
+    for name, (t, ops) in candidates.items():
+        if name in target:
+            paired[name] = ((t.name,), _fit(ops, t, target[name]))
+    left_src = [t for name, (t, _) in candidates.items() if name not in target]
+    left_tgt = [t for t in target if t.name not in paired]
+    if (left_src or left_tgt) and matcher is not None:
+        for tname, snames, ops in matcher(left_src, left_tgt):
+            paired[tname] = (snames, ops)
+        used = {s for snames, _ in paired.values() for s in snames}
+        left_src = [t for t in left_src if t.name not in used]
+        left_tgt = [t for t in target if t.name not in paired]
+    if left_tgt:
+        raise PlanError(_unpaired_message(left_src, left_tgt))
+    for t in left_src:
+        unused[t.name] = "no counterpart in the target"
+    for t in target:
+        snames, ops = paired[t.name]
+        srcs = [source[s] for s in snames]
+        shape, dt = infer(ops, [s.shape for s in srcs], srcs[0].dtype, where=f"target {t.name!r}")
+        if dt != t.dtype:
+            ops = (*ops, Cast(t.dtype))
+        final = (
+            t if cast_to is None or t.dtype not in _FLOATS else TensorSpec(t.name, t.shape, cast_to)
+        )
+        ops, _ = _with_cast(ops, t.dtype, cast_to)
+        steps.append(Step(final, snames, ops))
+    return Plan.build(source, steps, unused=unused)
+
+
+def _fit(ops: tuple[Op, ...], src: TensorSpec, tgt: TensorSpec) -> tuple[Op, ...]:
+    """Append a reshape when the shapes hold the same elements in a different shape."""
+    shape, _ = infer(ops, [src.shape], src.dtype, where=f"tensor {src.name!r}")
+    if shape == tgt.shape:
+        return ops
+    if math.prod(shape) == math.prod(tgt.shape):
+        return (*ops, Reshape(tgt.shape))
+    raise PlanError(
+        f"source {src.name!r} {src.shape} becomes {shape} but target {tgt.name!r} is {tgt.shape}: "
+        "they do not hold the same number of elements; check the rename rules, or use partial "
+        "loading to keep the target's own value"
+    )
+
+
+def _with_cast(ops: tuple[Op, ...], dtype: str, cast_to: str | None) -> tuple[tuple[Op, ...], str]:
+    if cast_to is None or dtype not in _FLOATS or dtype == cast_to:
+        return ops, dtype
+    ops = tuple(op for op in ops if not isinstance(op, Cast))
+    return (*ops, Cast(cast_to)), cast_to
+
+
+def _unpaired_message(left_src: Sequence[TensorSpec], left_tgt: Sequence[TensorSpec]) -> str:
+    lines = [f"failed to pair {len(left_tgt)} target tensor(s) with a source tensor:"]
+    lines += [f"  OUT {t.name} {t.shape} {t.dtype}" for t in left_tgt[:30]]
+    if len(left_tgt) > 30:
+        lines.append(f"  ... and {len(left_tgt) - 30} more")
+    lines += [f"  IN  {t.name} {t.shape} {t.dtype}" for t in left_src[:30]]
+    if len(left_src) > 30:
+        lines.append(f"  ... and {len(left_src) - 30} more")
+    lines.append(
+        "add rename rules (--rename 'PATTERN=REPLACEMENT') that turn the IN names into the OUT "
+        "names, or choose the frameworks with --from/--to"
+    )
+    return "\n".join(lines)

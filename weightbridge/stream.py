@@ -1,0 +1,509 @@
+"""Execute a plan: lay out the output shards, then stream tensors into them, resumably.
+
+Phase two of two. Nothing here decides anything: the plan says what each target tensor is made
+of, `layout_shards` fixes which file it goes to and where, and then each shard is one
+independent unit of work, produced by `write_shard` from the plan and the shard alone:
+
+* sources are memory-mapped; each tensor is transformed tile by tile (``transform.tiles``) on a
+  small thread pool and handed through a bounded queue to a writer thread, so reading,
+  transposing and writing overlap and anonymous memory stays at a few tiles (plus one tensor
+  when an op cannot be a view);
+* a tensor that needs no op other than a reshape is copied file to file by the kernel;
+* a shard is written under a temporary name, fsynced and renamed; the journal then records it
+  (size and a hash of its tensor bytes); the index is written last, so a directory that has
+  an index (or a single final file) is complete.
+
+Rerunning after a crash skips recorded shards after re-hashing them and produces byte-identical
+output, because every byte of a shard is a function of the plan alone.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import queue
+import re
+import shutil
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from weightbridge import io as wio
+from weightbridge.errors import ConversionError, VerifyError, WeightbridgeError
+from weightbridge.io.base import ByteRange
+from weightbridge.journal import Journal, fsync_dir
+from weightbridge.ops import Reshape
+from weightbridge.plan import Plan, Step
+from weightbridge.spec import TensorSpec
+from weightbridge.transform import compute, source_view, tiles
+
+# Hugging Face's default shard limit; a tensor larger than the limit gets a shard of its own.
+DEFAULT_MAX_SHARD_SIZE = 5 * 10**9
+# Tiles waiting for the writer thread. With 32 MB tiles and two transform workers this keeps
+# at most ~6 tiles (~200 MB) in flight: the memory budget, with room to keep the disk busy.
+QUEUE_TILES = 2
+TRANSFORM_WORKERS = 2
+
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 10**3,
+    "m": 10**6,
+    "g": 10**9,
+    "t": 10**12,
+    "ki": 2**10,
+    "mi": 2**20,
+    "gi": 2**30,
+    "ti": 2**40,
+}
+
+
+def parse_size(text: str | int) -> int:
+    """Parse a size like ``5GB``, ``500MiB`` or ``1024``.
+
+    >>> parse_size("5GB"), parse_size("2MiB"), parse_size(10)
+    (5000000000, 2097152, 10)
+    """
+    if isinstance(text, int):
+        return text
+    m = _SIZE_RE.match(text)
+    if not m:
+        raise ConversionError(f"cannot read size {text!r}; write it like 5GB, 500MB or 2GiB")
+    unit = (m.group(2) or "").lower().rstrip("b")
+    return int(float(m.group(1)) * _UNITS[unit])
+
+
+@dataclass(frozen=True, slots=True)
+class Shard:
+    """One output file and the steps whose tensors it holds, in file order."""
+
+    name: str
+    steps: tuple[Step, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(s.target.nbytes for s in self.steps)
+
+
+def layout_shards(
+    plan: Plan, *, format: str = "safetensors", max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE
+) -> list[Shard]:
+    """Split the plan's targets, in order, into shards of at most `max_shard_size` bytes."""
+    limit = parse_size(max_shard_size)
+    suffix = wio.writer_class(format).suffix  # type: ignore[attr-defined]
+    groups: list[list[Step]] = []
+    size = 0
+    for step in plan.steps:
+        n = step.target.nbytes
+        if not groups or (size + n > limit and groups[-1]):
+            groups.append([])
+            size = 0
+        groups[-1].append(step)
+        size += n
+    if not groups:
+        groups = [[]]
+    if len(groups) == 1:
+        return [Shard(f"model{suffix}", tuple(groups[0]))]
+    total = len(groups)
+    return [
+        Shard(f"model-{i:05d}-of-{total:05d}{suffix}", tuple(g)) for i, g in enumerate(groups, 1)
+    ]
+
+
+def index_name(format: str) -> str:
+    suffix = wio.writer_class(format).suffix  # type: ignore[attr-defined]
+    return f"model{suffix}.index.json"
+
+
+@dataclass
+class ConversionReport:
+    """What `convert` did."""
+
+    dest: str
+    shards: list[str]
+    written: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    bytes_written: int = 0
+    seconds: float = 0.0
+
+    def summary(self) -> str:
+        rate = self.bytes_written / self.seconds / 1e6 if self.seconds else 0.0
+        resumed = f", {len(self.skipped)} already complete (resumed)" if self.skipped else ""
+        return (
+            f"wrote {len(self.written)} shard(s), {self.bytes_written / 1e6:.1f} MB in "
+            f"{self.seconds:.2f} s ({rate:.0f} MB/s) to {self.dest}{resumed}"
+        )
+
+
+def _open_source(source: Any) -> tuple[Any, bool]:
+    if isinstance(source, (str, os.PathLike)):
+        return wio.open_reader(source), True
+    return source, False
+
+
+def _job_id(plan: Plan, shards: list[Shard], format: str, metadata: dict[str, str] | None) -> str:
+    layout = [[s.name, [st.target.name for st in s.steps]] for s in shards]
+    blob = repr((plan.fingerprint(), format, layout, sorted((metadata or {}).items())))
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def convert(
+    plan: Plan,
+    source: Any,
+    dest: str | os.PathLike[str],
+    *,
+    format: str = "safetensors",
+    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
+    metadata: dict[str, str] | None = None,
+    overwrite: bool = False,
+    progress: bool = False,
+) -> ConversionReport:
+    """Stream `source` through `plan` into the directory `dest`, resuming an earlier run.
+
+    Args:
+        plan: the plan (validated against the source's specs before anything is written).
+        source: a checkpoint path or an open reader.
+        dest: output directory (created if missing).
+        format: output format: ``safetensors``, ``npz``, ``h5`` or ``torch``.
+        max_shard_size: bytes (or ``"5GB"``) per output file.
+        metadata: string metadata for the output header (safetensors ``__metadata__``).
+        overwrite: replace the output of a different conversion found in `dest`.
+        progress: show a tqdm progress bar by bytes.
+
+    Raises:
+        PlanError: the plan does not fit the source.
+        ConversionError: the destination holds another conversion, lacks space, or a write failed.
+    """
+    started = time.perf_counter()
+    dest = os.fspath(dest)
+    reader, owned = _open_source(source)
+    try:
+        plan.validate(reader.specs())
+        shards = layout_shards(plan, format=format, max_shard_size=max_shard_size)
+        outputs = [s.name for s in shards] + ([index_name(format)] if len(shards) > 1 else [])
+        job = _job_id(plan, shards, format, metadata)
+        journal = _prepare_destination(dest, job, outputs, overwrite=overwrite)
+        report = ConversionReport(dest, [s.name for s in shards])
+        done = _committed_shards(journal, shards, format)
+        todo = [s for s in shards if s.name not in done]
+        _check_space(dest, sum(s.nbytes for s in todo))
+        bar = _progress_bar(
+            plan.target.nbytes, sum(s.nbytes for s in shards if s.name in done), progress
+        )
+        try:
+            for shard in shards:
+                if shard.name in done:
+                    report.skipped.append(shard.name)
+                    continue
+                size, digest = write_shard(
+                    reader,
+                    shard,
+                    dest,
+                    format=format,
+                    metadata=metadata,
+                    on_bytes=bar.update if bar else None,
+                )
+                journal.record(shard.name, size, digest)
+                report.written.append(shard.name)
+                report.bytes_written += shard.nbytes
+        finally:
+            if bar:
+                bar.close()
+        if len(shards) > 1:
+            from weightbridge.io.sharded import write_index
+
+            weight_map = {st.target.name: s.name for s in shards for st in s.steps}
+            write_index(os.path.join(dest, index_name(format)), weight_map, plan.target.nbytes)
+        journal.complete = True
+        journal.save()
+        report.seconds = time.perf_counter() - started
+        return report
+    finally:
+        if owned:
+            reader.close()
+
+
+def _prepare_destination(dest: str, job: str, outputs: list[str], *, overwrite: bool) -> Journal:
+    try:
+        os.makedirs(dest, exist_ok=True)
+    except OSError as e:
+        raise ConversionError(f"{dest}: cannot create the output directory ({e.strerror})") from e
+    if not os.access(dest, os.W_OK):
+        raise ConversionError(f"{dest}: output directory is not writable; choose another -o")
+    journal = Journal.load(dest)
+    if journal is not None and journal.job != job:
+        if not overwrite:
+            raise ConversionError(
+                f"{dest}: holds the output of a different conversion (job {journal.job}, this one is "
+                f"{job}: another plan, format or shard size); pass --overwrite to replace it, or "
+                "choose another output directory"
+            )
+        for name in journal.outputs:
+            _remove(os.path.join(dest, name))
+        journal = None
+    if journal is None:
+        clashes = [n for n in outputs if os.path.exists(os.path.join(dest, n))]
+        if clashes and not overwrite:
+            raise ConversionError(
+                f"{dest}: already has {clashes[:3]} from something other than this conversion; "
+                "pass --overwrite to replace them, or choose another output directory"
+            )
+        for n in clashes:
+            _remove(os.path.join(dest, n))
+        journal = Journal(dest, job, {}, False, outputs)
+    # Leftover temp files of a killed run are never reused: their content is unknown.
+    for entry in os.listdir(dest):
+        if ".tmp-" in entry and entry.startswith("."):
+            _remove(os.path.join(dest, entry))
+    journal.complete = False
+    journal.save()
+    return journal
+
+
+def _remove(path: str) -> None:
+    try:
+        os.remove(path)
+    except FileNotFoundError:
+        pass
+
+
+def _committed_shards(journal: Journal, shards: list[Shard], format: str) -> set[str]:
+    """Shards the journal records whose files still exist with the recorded size and hash."""
+    done = set()
+    for shard in shards:
+        rec = journal.shards.get(shard.name)
+        path = os.path.join(journal.dest, shard.name)
+        if not rec or not os.path.isfile(path) or os.path.getsize(path) != rec.get("size"):
+            journal.shards.pop(shard.name, None)
+            continue
+        try:
+            digest = hash_shard(path, shard)
+        except WeightbridgeError:
+            digest = ""
+        if digest == rec.get("sha256"):
+            done.add(shard.name)
+        else:
+            journal.shards.pop(shard.name, None)
+    return done
+
+
+def hash_shard(path: str, shard: Shard) -> str:
+    """sha256 over the shard's tensors' bytes in order, read back through our own reader."""
+    h = hashlib.sha256()
+    with wio.open_reader(path) as r:
+        for step in shard.steps:
+            _hash_array(h, r.read(step.target.name))
+            r.release(step.target.name)
+    return h.hexdigest()
+
+
+def _hash_array(h: Any, a: np.ndarray) -> None:
+    if a.size:
+        h.update(np.ascontiguousarray(a).reshape(-1).view(np.uint8).data)
+
+
+def _check_space(dest: str, needed: int) -> None:
+    try:
+        free = shutil.disk_usage(dest).free
+    except OSError:
+        return
+    if needed > free:
+        raise ConversionError(
+            f"{dest}: not enough free space: the conversion still has to write {needed / 1e9:.2f} GB "
+            f"but the filesystem has {free / 1e9:.2f} GB free; free {(needed - free) / 1e9:.2f} GB "
+            "more or choose another output directory (a rerun resumes where this one stops)"
+        )
+
+
+def _progress_bar(total: int, initial: int, enabled: bool) -> Any:
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(
+        total=total,
+        initial=initial,
+        unit="B",
+        unit_scale=True,
+        unit_divisor=1024,
+        desc="convert",
+        dynamic_ncols=True,
+    )
+
+
+def _is_byte_copy(step: Step, source: TensorSpec) -> bool:
+    return (
+        len(step.sources) == 1
+        and all(isinstance(op, Reshape) for op in step.ops)
+        and source.dtype == step.target.dtype
+    )
+
+
+def write_shard(
+    reader: Any,
+    shard: Shard,
+    dest: str,
+    *,
+    format: str,
+    metadata: dict[str, str] | None = None,
+    on_bytes: Callable[[int], Any] | None = None,
+) -> tuple[int, str]:
+    """Produce one output shard (atomically) and return (file size, content hash).
+
+    Depends only on the reader's data and the shard, so any process can produce any shard.
+    """
+    final = os.path.join(dest, shard.name)
+    tmp = os.path.join(dest, f".{shard.name}.tmp-{os.getpid()}-{threading.get_ident()}")
+    writer = wio.writer_class(format)(tmp, [s.target for s in shard.steps], metadata)
+    hasher = hashlib.sha256()
+    items: queue.Queue[Any] = queue.Queue(maxsize=QUEUE_TILES)
+    failure: list[BaseException] = []
+
+    def consume() -> None:
+        try:
+            while (item := items.get()) is not None:
+                kind = item[0]
+                if kind == "tile":
+                    _, name, row, tile = item
+                    writer.write(name, tile, row)
+                    _hash_array(hasher, tile)
+                    if on_bytes:
+                        on_bytes(tile.nbytes)
+                elif kind == "copy":
+                    _, step, brange, view = item
+                    if not writer.copy_from(step.target.name, brange):
+                        for row, tile in tiles(view.reshape(step.target.shape), step.target):
+                            writer.write(step.target.name, tile, row)
+                    _hash_array(hasher, view)
+                    if on_bytes:
+                        on_bytes(step.target.nbytes)
+                elif kind == "release":
+                    for name in item[1]:
+                        reader.release(name)
+        except BaseException as e:  # handed to the producer, which re-raises it
+            failure.append(e)
+            while items.get() is not None:  # unblock the producer
+                pass
+
+    thread = threading.Thread(target=consume, name=f"weightbridge-writer-{shard.name}", daemon=True)
+    thread.start()
+    try:
+        with ThreadPoolExecutor(
+            TRANSFORM_WORKERS, thread_name_prefix="weightbridge-transform"
+        ) as pool:
+            for item in _produce(reader, shard, pool):
+                if failure:
+                    break
+                items.put(item)
+        items.put(None)
+        thread.join()
+        if failure:
+            raise failure[0]
+        writer.close()
+    except BaseException as e:
+        if thread.is_alive():
+            items.put(None)
+            thread.join()
+        writer.abort()
+        _remove(tmp)
+        if isinstance(e, OSError):
+            raise ConversionError(
+                f"{final}: writing failed ({e.strerror or e}); a rerun resumes"
+            ) from e
+        raise
+    size = os.path.getsize(tmp)
+    os.replace(tmp, final)
+    fsync_dir(dest)
+    return size, hasher.hexdigest()
+
+
+def _produce(reader: Any, shard: Shard, pool: ThreadPoolExecutor) -> Iterator[tuple[Any, ...]]:
+    """Queue items for one shard: tiles (transformed on `pool`, in order) or byte copies."""
+    specs = reader.specs()
+    for step in shard.steps:
+        arrays = [reader.read(s) for s in step.sources]
+        brange: ByteRange | None = None
+        if _is_byte_copy(step, specs[step.sources[0]]):
+            brange = reader.byte_range(step.sources[0])
+        if brange is not None:
+            yield ("copy", step, brange, arrays[0])
+        else:
+            view = source_view(arrays, step.ops)
+            if view.shape != step.target.shape:
+                view = view.reshape(step.target.shape)
+            pending: list[Future[tuple[int, np.ndarray]]] = []
+            for row, part in _tile_slices(view, step.target):
+                pending.append(pool.submit(_one_tile, part, step.target, row))
+                if len(pending) > TRANSFORM_WORKERS:
+                    r, t = pending.pop(0).result()
+                    yield ("tile", step.target.name, r, t)
+            for fut in pending:
+                r, t = fut.result()
+                yield ("tile", step.target.name, r, t)
+        yield ("release", step.sources)
+
+
+def _tile_slices(view: np.ndarray, target: TensorSpec) -> Iterator[tuple[int, np.ndarray]]:
+    if view.ndim == 0 or view.size == 0:
+        yield 0, view
+        return
+    from weightbridge.transform import TILE_BYTES
+
+    row_bytes = max(1, (view.size // view.shape[0]) * max(view.dtype.itemsize, 1))
+    rows = max(1, TILE_BYTES // row_bytes)
+    for r0 in range(0, view.shape[0], rows):
+        yield r0, view[r0 : r0 + rows]
+
+
+def _one_tile(part: np.ndarray, target: TensorSpec, row: int) -> tuple[int, np.ndarray]:
+    ((_, tile),) = tiles(
+        part, TensorSpec(target.name, part.shape, target.dtype), tile_bytes=1 << 62
+    )
+    return row, tile
+
+
+def verify(plan: Plan, source: Any, dest: str | os.PathLike[str]) -> int:
+    """Recompute every target tensor from the source through the plan and compare with `dest`.
+
+    Returns the number of tensors checked. Raises VerifyError naming the first tensors that differ.
+    """
+    reader, owned = _open_source(source)
+    try:
+        plan.validate(reader.specs())
+        with wio.open_reader(os.fspath(dest)) as out:
+            have = out.specs()
+            bad = []
+            for step in plan.steps:
+                name = step.target.name
+                if name not in have:
+                    bad.append(f"{name}: missing from the output")
+                    continue
+                got = out.read(name)
+                if have[name] != step.target:
+                    bad.append(
+                        f"{name}: output has {have[name].shape} {have[name].dtype}, plan makes "
+                        f"{step.target.shape} {step.target.dtype}"
+                    )
+                    continue
+                want = compute([reader.read(s) for s in step.sources], step.ops, step.target)
+                if got.tobytes() != want.tobytes():
+                    bad.append(
+                        f"{name}: values differ from the source {list(step.sources)} through the plan"
+                    )
+                out.release(name)
+                for s in step.sources:
+                    reader.release(s)
+            if bad:
+                raise VerifyError(
+                    f"{dest}: {len(bad)} tensor(s) differ:\n  " + "\n  ".join(bad[:20])
+                )
+            return len(plan.steps)
+    finally:
+        if owned:
+            reader.close()
