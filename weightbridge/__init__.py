@@ -5,6 +5,7 @@ Two phases, never mixed: plan from metadata (names, shapes, dtypes), then stream
 
 from __future__ import annotations
 
+from weightbridge.adapt import adapt
 from weightbridge.errors import (
     ConversionError,
     FormatError,
@@ -28,4 +29,5 @@ __all__ = [
     "TensorSpec",
     "VerifyError",
     "WeightbridgeError",
+    "adapt",
 ]

@@ -17,6 +17,7 @@ import numpy as np
 from weightbridge import dtypes
 from weightbridge import io as wio
 from weightbridge.errors import SpecError
+from weightbridge.match import Matcher as AutoMatcher
 from weightbridge.plan import Plan
 from weightbridge.planner import Matcher, Rename, make_plan
 from weightbridge.spec import CheckpointSpec, TensorSpec, load_spec_file
@@ -95,11 +96,37 @@ def plan(
     from_framework: str | None = None,
     to_framework: str | None = None,
     dtype: str | None = None,
+    hints: Sequence[tuple[str, str]] = (),
     matcher: Matcher | None = None,
+    log: list[str] | None = None,
 ) -> Plan:
-    """Plan a conversion from specs alone (no tensor data is read). See `planner.make_plan`."""
+    """Plan a conversion from specs alone (no tensor data is read). See `planner.make_plan`.
+
+    With a target, tensors the renames do not pair by name are paired by the automatic matcher
+    (`weightbridge.match`), which `hints` (target substring, source substring) steer.
+    """
+    return _make(
+        spec_of(source), target, renames, from_framework, to_framework, dtype, hints, matcher, log
+    )
+
+
+def _make(
+    source: CheckpointSpec,
+    target: Any,
+    renames: Sequence[Rename | str],
+    from_framework: str | None,
+    to_framework: str | None,
+    dtype: str | None,
+    hints: Sequence[tuple[str, str]],
+    matcher: Matcher | None = None,
+    log: list[str] | None = None,
+) -> Plan:
+    if matcher is None and target is not None:
+        matcher = AutoMatcher(
+            from_framework, to_framework, tuple(hints), log if log is not None else []
+        )
     return make_plan(
-        spec_of(source),
+        source,
         None if target is None else spec_of(target),
         renames=_rules(renames),
         from_framework=from_framework,
@@ -123,6 +150,7 @@ def convert(
     from_framework: str | None = None,
     to_framework: str | None = None,
     dtype: str | None = None,
+    hints: Sequence[tuple[str, str]] = (),
     format: str = "safetensors",
     max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
     overwrite: bool = False,
@@ -135,20 +163,13 @@ def convert(
     source = os.fspath(source)
     with wio.open_reader(source) as reader:
         if plan is None:
-            the_plan = make_plan(
-                reader.specs(),
-                None if target is None else spec_of(target),
-                renames=_rules(renames),
-                from_framework=from_framework,
-                to_framework=to_framework,
-                dtype=dtype,
+            the_plan = _make(
+                reader.specs(), target, renames, from_framework, to_framework, dtype, hints
             )
-        elif isinstance(plan, Plan):
-            the_plan = plan
         else:
-            the_plan = Plan.load(plan)
-        if target is not None:
-            the_plan.validate(reader.specs(), target=spec_of(target))
+            the_plan = plan if isinstance(plan, Plan) else Plan.load(plan)
+            if target is not None:
+                the_plan.validate(reader.specs(), target=spec_of(target))
         report = _stream_convert(
             the_plan,
             reader,

@@ -69,7 +69,19 @@ def _make_plan(args: argparse.Namespace) -> Plan:
         from_framework=args.from_framework,
         to_framework=args.to_framework,
         dtype=args.dtype,
+        hints=[_hint(h) for h in args.hint or []],
     )
+
+
+def _hint(text: str) -> tuple[str, str]:
+    if "=" not in text:
+        from weightbridge.errors import MatchError
+
+        raise MatchError(
+            f"--hint {text!r} must look like TARGET_SUBSTRING=SOURCE_SUBSTRING, e.g. reduce=conv1"
+        )
+    target, source = text.split("=", 1)
+    return target, source
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
@@ -171,6 +183,12 @@ def build_parser() -> argparse.ArgumentParser:
             help="rename source tensors (regex, \\1 back-references; repeatable)",
         )
         s.add_argument("--rules", help="rules file (JSON or YAML) with renames")
+        s.add_argument(
+            "--hint",
+            action="append",
+            metavar="TARGET=SOURCE",
+            help="pair tensors the matcher finds ambiguous by unique substrings (repeatable)",
+        )
         s.add_argument("--plan", help="use this saved plan instead of planning")
         s.add_argument("--dtype", help="cast floating-point tensors, e.g. bf16")
 

@@ -9,9 +9,11 @@ is transposed.
 
 from __future__ import annotations
 
+import math
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, Protocol
 
 from weightbridge.errors import PlanError
 from weightbridge.ops import Op, Permute
@@ -87,6 +89,14 @@ def convert_param(
 _KERNEL_LEAVES = {"weight", "kernel", "w"}
 
 
+class TensorSpecLike(Protocol):
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def shape(self) -> tuple[int, ...]: ...
+
+
 def _shape_after(shape: tuple[int, ...], ops: tuple[Op, ...]) -> tuple[int, ...]:
     for op in ops:
         shape = op.out_shape([shape])
@@ -147,3 +157,201 @@ def _rename_leaf(leaf: str, name: str, rank: int, is_embedding: bool, dst: str) 
             leaf, leaf
         )
     return leaf
+
+
+# --- roles and shape fitting, used by the matcher ------------------------------------------
+
+_MATRIX_LEAVES = {
+    "weight",
+    "kernel",
+    "w",
+    "depthwise_kernel",
+    "pointwise_kernel",
+    "embedding",
+    "embeddings",
+    "in_proj_weight",
+}
+_SCALE_LEAVES = {"weight", "scale", "gamma", "w"}
+_BIAS_LEAVES = {"bias", "b", "beta", "offset", "in_proj_bias"}
+_MEAN_LEAVES = {"running_mean", "moving_mean", "mean"}
+_VAR_LEAVES = {"running_var", "moving_variance", "var"}
+_TORCH_LEAVES = {"weight", "running_mean", "running_var", "num_batches_tracked", "in_proj_weight"}
+_OTHER_LEAVES = {
+    "kernel",
+    "scale",
+    "gamma",
+    "beta",
+    "moving_mean",
+    "moving_variance",
+    "embedding",
+    "embeddings",
+    "w",
+    "b",
+    "offset",
+    "mean",
+    "var",
+}
+
+
+def _leaf(name: str) -> str:
+    return re.split(r"[./]", name.replace(":0", ""))[-1]
+
+
+def guess_family(names: list[str], framework: str | None = None) -> str:
+    """The framework whose layout a side uses: given, or guessed from its parameter names.
+
+    >>> guess_family(["fc.weight", "fc.bias"]), guess_family(["Dense_0/kernel", "Dense_0/bias"])
+    ('pytorch', 'flax')
+    """
+    if framework:
+        return canonical_framework(framework) or "numpy"
+    leaves = [_leaf(n) for n in names]
+    torch_votes = sum(leaf in _TORCH_LEAVES for leaf in leaves)
+    other_votes = sum(leaf in _OTHER_LEAVES for leaf in leaves)
+    if torch_votes > other_votes:
+        return "pytorch"
+    if any(
+        leaf in ("gamma", "moving_mean", "moving_variance") or ":0" in n
+        for leaf, n in zip(leaves, names, strict=True)
+    ):
+        return "keras"
+    if any(leaf in ("w", "offset") for leaf in leaves):
+        return "haiku"
+    return "flax"
+
+
+def leaf_role(
+    leaf: str, shape: tuple[int, ...], siblings: Mapping[str, object], family: str, path: str
+) -> str:
+    """What a parameter is: matrix, scale, bias, mean, var, or param (anything else).
+
+    >>> leaf_role("weight", (8,), {"weight": 0, "bias": 0, "running_mean": 0}, "pytorch", "bn.weight")
+    'scale'
+    """
+    rank = len(shape)
+    if leaf in _MEAN_LEAVES and rank == 1:
+        return "mean"
+    if leaf in _VAR_LEAVES and rank == 1:
+        return "var"
+    if leaf in _MATRIX_LEAVES and rank >= 2 and leaf != "in_proj_weight":
+        return "matrix"
+    if leaf in _SCALE_LEAVES and rank == 1:
+        return "scale"
+    if leaf in _BIAS_LEAVES and leaf != "in_proj_bias" and rank == 1:
+        return "bias"
+    return "param"
+
+
+# Buffers that carry no learned weights: dropped from a source, kept at their own value in a
+# target (torch refills a missing num_batches_tracked itself).
+_BUFFERS = re.compile(
+    r"(^|[./])(num_batches_tracked|position_ids|attn_mask|relative_position_index)$"
+)
+
+
+def is_buffer(name: str) -> bool:
+    """True for buffers such as ``num_batches_tracked`` that a conversion need not carry over."""
+    return bool(_BUFFERS.search(name))
+
+
+def is_embedding(name: str) -> bool:
+    return bool(_EMBEDDING.search(name))
+
+
+def layout_permutation(rank: int, src: str, dst: str) -> tuple[Op, ...]:
+    """Axis permutation of a dense/conv kernel between the [out, in, *k] and [*k, in, out] families."""
+    if (src in _OUT_IN) == (dst in _OUT_IN) or rank < 2:
+        return ()
+    if rank == 2:
+        return (Permute((1, 0)),)
+    if src in _OUT_IN:
+        return (Permute((*range(2, rank), 1, 0)),)
+    return (Permute((rank - 1, rank - 2, *range(rank - 2))),)
+
+
+def fit_ops(
+    src: TensorSpecLike,
+    tgt: TensorSpecLike,
+    role: str,
+    src_family: str,
+    dst_family: str,
+    *,
+    flatten_channels: int | None = None,
+) -> tuple[Op, ...] | None:
+    """Ops that turn `src` into `tgt`'s shape under the two layouts, or None if nothing fits.
+
+    The layout change is tried first for kernels (identity first for embeddings); a trailing
+    reshape covers ``(8, 8)`` vs ``(64,)``; a dense kernel of rank 3 (Flax ``DenseGeneral``,
+    ``[in, heads, dim]``) is split into 2-D at the one point that makes the shapes agree.
+
+    >>> from weightbridge.spec import TensorSpec
+    >>> fit_ops(TensorSpec("q.weight", (8, 4), "F32"), TensorSpec("q/kernel", (4, 2, 4), "F32"),
+    ...         "matrix", "pytorch", "flax")
+    (Permute(axes=(1, 0)), Reshape(shape=(4, 2, 4)))
+    """
+    from weightbridge.ops import Reshape
+
+    s_shape, t_shape = tuple(src.shape), tuple(tgt.shape)
+    if math.prod(s_shape) != math.prod(t_shape):
+        return None
+    candidates: list[tuple[Op, ...]] = []
+    families_differ = (src_family in _OUT_IN) != (dst_family in _OUT_IN)
+    if role == "matrix" and families_differ:
+        if flatten_channels:
+            candidates.append(_flatten_order_ops(s_shape, flatten_channels, src_family in _OUT_IN))
+        permuted = layout_permutation(len(s_shape), src_family, dst_family)
+        dense = _dense_general_candidates(s_shape, t_shape)
+        if is_embedding(src.name) or is_embedding(tgt.name):
+            candidates += [(), permuted, *dense]
+        elif len(s_shape) != len(t_shape) and dense:
+            candidates += [*dense, permuted]
+        else:
+            candidates += [permuted, *dense]
+    else:
+        candidates.append(())
+    for ops in candidates:
+        if _shape_after(s_shape, ops) == t_shape:
+            return ops
+    first = candidates[0]
+    return (*first, Reshape(t_shape))
+
+
+def _dense_general_candidates(
+    s_shape: tuple[int, ...], t_shape: tuple[int, ...]
+) -> list[tuple[Op, ...]]:
+    """Reshape to 2-D at some split, transpose, reshape: DenseGeneral <-> Linear kernels."""
+    from weightbridge.ops import Reshape
+
+    out: list[tuple[Op, ...]] = []
+    for k in range(1, len(s_shape)):
+        two_d = (math.prod(s_shape[:k]), math.prod(s_shape[k:]))
+        ops: tuple[Op, ...] = (
+            (Permute((1, 0)),) if two_d == s_shape else (Reshape(two_d), Permute((1, 0)))
+        )
+        flipped = (two_d[1], two_d[0])
+        if flipped == t_shape:
+            out.append(ops)
+            continue
+        for j in range(1, len(t_shape)):
+            if (math.prod(t_shape[:j]), math.prod(t_shape[j:])) == flipped:
+                out.append((*ops, Reshape(t_shape)))
+                break
+    return out
+
+
+def _flatten_order_ops(shape: tuple[int, ...], channels: int, src_out_in: bool) -> tuple[Op, ...]:
+    """The first dense layer after a conv stack: NCHW flatten order <-> NHWC flatten order."""
+    from weightbridge.ops import Reshape
+
+    if src_out_in:  # torch [out, C*HW] -> flax [HW*C, out]
+        out, fan_in = shape
+        hw = fan_in // channels
+        return (
+            Reshape((out, channels, hw)),
+            Permute((0, 2, 1)),
+            Reshape((out, hw * channels)),
+            Permute((1, 0)),
+        )
+    fan_in, out = shape  # flax [HW*C, out] -> torch [out, C*HW]
+    hw = fan_in // channels
+    return (Reshape((hw, channels, out)), Permute((2, 1, 0)), Reshape((out, channels * hw)))

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from weightbridge.errors import PlanError
+from weightbridge.layouts import is_buffer
 from weightbridge.ops import Cast, Op, describe, infer, op_from_json
 from weightbridge.spec import CheckpointSpec, TensorSpec
 
@@ -150,9 +151,9 @@ class Plan:
         if target is not None:
             mine = {s.target.name: s.target for s in self.steps}
             for t in target:
-                if t.name not in mine:
+                if t.name not in mine and not is_buffer(t.name):  # buffers keep their own value
                     problems.append(f"target tensor {t.name!r} {t.shape} has no step in the plan")
-                elif mine[t.name] != t:
+                elif t.name in mine and mine[t.name] != t:
                     got = mine[t.name]
                     problems.append(
                         f"target tensor {t.name!r}: plan makes {got.shape} {got.dtype}, "

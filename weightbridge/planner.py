@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from weightbridge import dtypes
 from weightbridge.errors import PlanError, RuleError
-from weightbridge.layouts import canonical_framework, convert_param
+from weightbridge.layouts import canonical_framework, convert_param, is_buffer
 from weightbridge.ops import Cast, Op, Reshape, infer
 from weightbridge.plan import Plan, Step
 from weightbridge.spec import CheckpointSpec, TensorSpec
@@ -149,11 +149,18 @@ def make_plan(
         used = {s for snames, _ in paired.values() for s in snames}
         left_src = [t for t in left_src if t.name not in used]
         left_tgt = [t for t in target if t.name not in paired]
+    kept = [t for t in left_tgt if is_buffer(t.name)]
+    left_tgt = [t for t in left_tgt if not is_buffer(t.name)]
     if left_tgt:
         raise PlanError(_unpaired_message(left_src, left_tgt))
     for t in left_src:
-        unused[t.name] = "no counterpart in the target"
+        unused[t.name] = (
+            "buffer, not carried over" if is_buffer(t.name) else "no counterpart in the target"
+        )
+    notes = [f"target buffer {t.name} has no source; it keeps its own value" for t in kept]
     for t in target:
+        if t.name not in paired:
+            continue
         snames, ops = paired[t.name]
         srcs = [source[s] for s in snames]
         shape, dt = infer(ops, [s.shape for s in srcs], srcs[0].dtype, where=f"target {t.name!r}")
@@ -164,7 +171,7 @@ def make_plan(
         )
         ops, _ = _with_cast(ops, t.dtype, cast_to)
         steps.append(Step(final, snames, ops))
-    return Plan.build(source, steps, unused=unused)
+    return Plan.build(source, steps, unused=unused, notes=notes)
 
 
 def _fit(ops: tuple[Op, ...], src: TensorSpec, tgt: TensorSpec) -> tuple[Op, ...]:

@@ -1,0 +1,541 @@
+"""The automatic matcher: pair source and target tensors from names, shapes and order alone.
+
+Both sides are turned into trees of modules (name components split on ``.`` and ``/``; Flax
+collections, Haiku ``~`` and Keras ``:0`` removed; single-child chains such as ``module.`` or
+``backbone.0.body.`` collapsed). Every leaf gets a *role* (matrix, scale, bias, mean, var,
+param) and every subtree a *signature*: the multiset of its leaves' roles and sizes, which does
+not change with axis order or framework. Matching then walks both trees from the root:
+
+1. children with a signature found exactly once on each side are paired, wherever they are
+   (reordered definitions do not matter);
+2. children sharing a signature are tied; a tie is broken, in this order, by the user's hints,
+   by index-like names (``layer.3`` and ``layers_3``), by a unique best name-similarity
+   assignment (tokenised, with synonyms such as ``q``/``query``), and by definition order
+   when both sides kept it; otherwise it is *ambiguous* and reported, never guessed;
+3. what does not pair as subtrees is flattened and paired leaf by leaf, first by role and
+   exact sizes, then by role and element count (``(8, 8)`` vs ``(64,)`` vs ``(1, 8, 8)``).
+
+Each pair then gets its ops from `weightbridge.layouts`: chosen by the parameter's role and
+the shape the target demands, not by rank alone. What the matcher does not do: split or fuse
+tensors (see the rules), or check hyperparameters other than what shapes reveal.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import re
+from collections import Counter, defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from weightbridge.errors import MatchError
+from weightbridge.layouts import fit_ops, guess_family, is_buffer, is_embedding, leaf_role
+from weightbridge.ops import Op
+from weightbridge.spec import TensorSpec
+
+Hint = tuple[str, str]  # (substring of a target name, substring of a source name)
+
+
+_SYNONYMS = {
+    "query": "q",
+    "key": "k",
+    "value": "v",
+    "output": "o",
+    "out": "o",
+    "dense": "fc",
+    "linear": "fc",
+    "lin": "fc",
+    "layernorm": "norm",
+    "ln": "norm",
+    "batchnorm": "norm",
+    "bn": "norm",
+    "groupnorm": "norm",
+    "attention": "attn",
+    "selfattention": "attn",
+    "self": "attn",
+    "ffn": "mlp",
+    "feedforward": "mlp",
+    "intermediate": "mlp",
+    "embeddings": "embed",
+    "embedding": "embed",
+    "emb": "embed",
+    "convolution": "conv",
+    "layers": "layer",
+    "blocks": "block",
+    "stages": "stage",
+}
+
+
+def tokens(name: str) -> frozenset[str]:
+    """Normalised word tokens of a name (digits dropped, synonyms folded).
+
+    >>> sorted(tokens("encoder.layer.0.attention.self.query"))
+    ['attn', 'encoder', 'layer', 'q']
+    """
+    name = re.sub(r"([a-z])([A-Z])", r"\1_\2", name.replace(":0", ""))
+    words = [w for w in re.split(r"[^a-zA-Z]+", name.lower()) if w]
+    return frozenset(_SYNONYMS.get(w, w) for w in words)
+
+
+def natural_key(name: str) -> tuple[object, ...]:
+    """Sort key that puts ``layer_2`` before ``layer_10``."""
+    return tuple(int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name))
+
+
+@dataclass
+class Node:
+    """A module (or a leaf tensor) in one side's name tree."""
+
+    name: str  # this node's own name component(s)
+    path: str  # full path, for messages and hints
+    order: int  # position of its first tensor in that side's checkpoint order
+    children: dict[str, Node] = field(default_factory=dict)
+    spec: TensorSpec | None = None  # set on leaves
+    role: str = ""
+
+    @property
+    def is_leaf(self) -> bool:
+        return self.spec is not None
+
+    def leaves(self) -> list[Node]:
+        if self.is_leaf:
+            return [self]
+        out: list[Node] = []
+        for child in self.children.values():
+            out.extend(child.leaves())
+        return out
+
+
+def _components(name: str) -> list[str]:
+    parts = [p.replace(":0", "") for p in re.split(r"[./]", name) if p and p != "~"]
+    if parts and parts[0] in ("params", "batch_stats", "model_weights"):
+        parts = parts[1:]
+    out: list[str] = []
+    for p in parts:
+        if not out or out[-1] != p:  # keras h5 repeats the layer name: dense/dense/kernel
+            out.append(p)
+    return out or [name]
+
+
+def build_tree(specs: Sequence[TensorSpec], family: str) -> Node:
+    root = Node("", "", 0)
+    for i, spec in enumerate(specs):
+        parts = _components(spec.name)
+        node = root
+        for depth, part in enumerate(parts[:-1]):
+            if part not in node.children or node.children[part].is_leaf:
+                key = part if part not in node.children else part + "/"
+                node.children[key] = Node(part, "/".join(parts[: depth + 1]), i)
+                part = key
+            node = node.children[part]
+        leaf = parts[-1]
+        while leaf in node.children:
+            leaf += "'"
+        node.children[leaf] = Node(leaf, spec.name, i, spec=spec)
+    for node in _all_internal(root):
+        siblings = {c.name: c.spec for c in node.children.values() if c.is_leaf}
+        for child in node.children.values():
+            if child.spec is not None:
+                child.role = leaf_role(child.name, child.spec.shape, siblings, family, child.path)
+    _collapse(root)
+    return root
+
+
+def _all_internal(node: Node) -> list[Node]:
+    out = [node]
+    for c in node.children.values():
+        if not c.is_leaf:
+            out.extend(_all_internal(c))
+    return out
+
+
+def _collapse(node: Node) -> None:
+    """Merge chains of single-child modules (``module.``, ``backbone.0.body.``) into one node."""
+    while len(node.children) == 1:
+        (only,) = node.children.values()
+        if only.is_leaf:
+            break
+        node.children = only.children
+        node.name = f"{node.name}.{only.name}" if node.name else only.name
+        node.path = only.path
+    for c in node.children.values():
+        if not c.is_leaf:
+            _collapse(c)
+
+
+def _strict(leaf: Node) -> tuple[str, tuple[int, ...]]:
+    assert leaf.spec is not None
+    return leaf.role, tuple(sorted(d for d in leaf.spec.shape if d != 1))
+
+
+def _relaxed(leaf: Node) -> tuple[str, int]:
+    assert leaf.spec is not None
+    return leaf.role, leaf.spec.numel
+
+
+def signature(node: Node) -> frozenset[tuple[object, int]]:
+    return frozenset(Counter(_strict(leaf) for leaf in node.leaves()).items())
+
+
+@dataclass
+class Conflict:
+    """Tied nodes the matcher refused to pair by guessing."""
+
+    sources: list[Node]
+    targets: list[Node]
+
+
+@dataclass
+class MatchResult:
+    pairs: list[tuple[Node, Node]] = field(default_factory=list)  # (source leaf, target leaf)
+    conflicts: list[Conflict] = field(default_factory=list)
+    unpaired_sources: list[Node] = field(default_factory=list)
+    unpaired_targets: list[Node] = field(default_factory=list)
+    log: list[str] = field(default_factory=list)
+
+
+class _Matcher:
+    def __init__(self, hints: Sequence[Hint], src_ordered: bool, tgt_ordered: bool) -> None:
+        self.hints = list(hints)
+        self.ordered = src_ordered and tgt_ordered
+        self.result = MatchResult()
+
+    def match(self, src: Sequence[Node], tgt: Sequence[Node], where: str) -> None:
+        by_sig_s: dict[object, list[Node]] = defaultdict(list)
+        by_sig_t: dict[object, list[Node]] = defaultdict(list)
+        for n in src:
+            by_sig_s[signature(n)].append(n)
+        for n in tgt:
+            by_sig_t[signature(n)].append(n)
+        left_s: list[Node] = []
+        left_t: list[Node] = []
+        for sig, ts in by_sig_t.items():
+            ss = by_sig_s.pop(sig, [])
+            if len(ss) != len(ts):
+                left_s += ss
+                left_t += ts
+                continue
+            for s, t in self.tie_break(ss, ts, where):
+                self.descend(s, t)
+        for ss in by_sig_s.values():
+            left_s += ss
+        if left_s or left_t:
+            self.match_leaves(
+                [x for n in left_s for x in n.leaves()],
+                [x for n in left_t for x in n.leaves()],
+                where,
+            )
+
+    def descend(self, s: Node, t: Node) -> None:
+        if s.is_leaf and t.is_leaf:
+            self.result.pairs.append((s, t))
+        elif s.is_leaf or t.is_leaf:
+            self.match_leaves(s.leaves(), t.leaves(), t.path)
+        else:
+            self.match(list(s.children.values()), list(t.children.values()), t.path)
+
+    def match_leaves(self, src: list[Node], tgt: list[Node], where: str) -> None:
+        for key in (_strict, _relaxed):
+            groups_s: dict[object, list[Node]] = defaultdict(list)
+            groups_t: dict[object, list[Node]] = defaultdict(list)
+            for n in src:
+                groups_s[key(n)].append(n)
+            for n in tgt:
+                groups_t[key(n)].append(n)
+            src, tgt = [], []
+            for k, ts in groups_t.items():
+                ss = groups_s.pop(k, [])
+                if len(ss) == len(ts):
+                    for s, t in self.tie_break(
+                        sorted(ss, key=lambda n: n.order), sorted(ts, key=lambda n: n.order), where
+                    ):
+                        self.result.pairs.append((s, t))
+                else:
+                    src += ss
+                    tgt += ts
+            for ss in groups_s.values():
+                src += ss
+        self.result.unpaired_sources += src
+        self.result.unpaired_targets += tgt
+
+    def tie_break(self, ss: list[Node], ts: list[Node], where: str) -> list[tuple[Node, Node]]:
+        if len(ss) == 1:
+            return [(ss[0], ts[0])]
+        pairs: list[tuple[Node, Node]] = []
+        ss, ts = list(ss), list(ts)
+        for t_sub, s_sub in self.hints:
+            t_hit = [t for t in ts if t_sub in t.path]
+            s_hit = [s for s in ss if s_sub in s.path]
+            if len(t_hit) == 1 and len(s_hit) == 1:
+                pairs.append((s_hit[0], t_hit[0]))
+                ss.remove(s_hit[0])
+                ts.remove(t_hit[0])
+        if len(ss) <= 1:
+            return pairs + list(zip(ss, ts, strict=True))
+        if _index_like(ss) and _index_like(ts):
+            return pairs + list(
+                zip(
+                    sorted(ss, key=lambda n: natural_key(n.name)),
+                    sorted(ts, key=lambda n: natural_key(n.name)),
+                    strict=True,
+                )
+            )
+        best = _unique_best_assignment(ss, ts)
+        if best is not None:
+            return pairs + best
+        if self.ordered or (_index_like(ss) and self.ordered_tgt_names(ts)):
+            return pairs + list(
+                zip(
+                    sorted(ss, key=lambda n: n.order),
+                    sorted(ts, key=lambda n: n.order),
+                    strict=True,
+                )
+            )
+        self.result.conflicts.append(Conflict(ss, ts))
+        return pairs
+
+    def ordered_tgt_names(self, ts: list[Node]) -> bool:
+        return self.ordered
+
+
+def _index_like(nodes: Sequence[Node]) -> bool:
+    """Names that differ only in their numbers (``0``, ``1``; ``Dense_0``, ``Dense_1``)."""
+    stems = {re.sub(r"\d+", "#", n.name) for n in nodes}
+    return len(stems) == 1 and "#" in next(iter(stems))
+
+
+def _unique_best_assignment(ss: list[Node], ts: list[Node]) -> list[tuple[Node, Node]] | None:
+    """The one assignment that maximises name similarity, if it is unique and every pair shares a word."""
+    score = [[_similarity(s, t) for s in ss] for t in ts]
+    n = len(ts)
+    if n > 7:  # too many for brute force: accept only mutually-best, distinct pairs
+        cols = [max(range(n), key=row.__getitem__) for row in score]
+        if len(set(cols)) != n or any(score[i][cols[i]] <= 0 for i in range(n)):
+            return None
+        if any(sorted(score[i])[-2] == score[i][cols[i]] for i in range(n)):
+            return None
+        return [(ss[cols[i]], ts[i]) for i in range(n)]
+    totals = []
+    for perm in itertools.permutations(range(n)):
+        if any(score[i][perm[i]] <= 0 for i in range(n)):
+            continue
+        totals.append((sum(score[i][perm[i]] for i in range(n)), perm))
+    if not totals:
+        return None
+    totals.sort(reverse=True)
+    if len(totals) > 1 and math.isclose(totals[0][0], totals[1][0]):
+        return None
+    perm = totals[0][1]
+    return [(ss[perm[i]], ts[i]) for i in range(n)]
+
+
+def _similarity(s: Node, t: Node) -> float:
+    a, b = tokens(s.name), tokens(t.name)
+    if not a or not b:
+        return 0.0
+    return len(a & b) / len(a | b)
+
+
+def _is_definition_order(specs: Sequence[TensorSpec]) -> bool:
+    """False when names arrive sorted (jax pytrees, safetensors files): order then says nothing."""
+    names = [s.name for s in specs]
+    return names != sorted(names) and names != sorted(names, key=natural_key)
+
+
+@dataclass(frozen=True)
+class Matcher:
+    """Callable that pairs what renames left unpaired; plugs into `planner.make_plan`."""
+
+    from_framework: str | None = None
+    to_framework: str | None = None
+    hints: tuple[Hint, ...] = ()
+    log: list[str] = field(default_factory=list, compare=False)
+
+    def __call__(
+        self, sources: Sequence[TensorSpec], targets: Sequence[TensorSpec]
+    ) -> list[tuple[str, tuple[str, ...], tuple[Op, ...]]]:
+        pairs, _ = match_specs(
+            sources,
+            targets,
+            from_framework=self.from_framework,
+            to_framework=self.to_framework,
+            hints=self.hints,
+            log=self.log,
+        )
+        return pairs
+
+
+def match_specs(
+    sources: Sequence[TensorSpec],
+    targets: Sequence[TensorSpec],
+    *,
+    from_framework: str | None = None,
+    to_framework: str | None = None,
+    hints: Sequence[Hint] = (),
+    log: list[str] | None = None,
+) -> tuple[list[tuple[str, tuple[str, ...], tuple[Op, ...]]], list[str]]:
+    """Pair target tensors with source tensors; returns (pairs with ops, dropped source names).
+
+    Raises:
+        MatchError: ambiguous ties (with the hint that resolves them), unpaired tensors (both
+            sides, with shapes), or pairs whose shapes cannot be made to fit.
+    """
+    log = log if log is not None else []
+    dropped = [s.name for s in sources if is_buffer(s.name)]
+    src = [s for s in sources if not is_buffer(s.name)]
+    tgt = [t for t in targets if not is_buffer(t.name)]
+    src_family = guess_family([s.name for s in src], from_framework)
+    tgt_family = guess_family([t.name for t in tgt], to_framework)
+    log.append(
+        f"source layout: {src_family}; target layout: {tgt_family}; "
+        f"{len(src)} source and {len(tgt)} target tensors ({len(dropped)} buffers dropped)"
+    )
+    src_tree, tgt_tree = build_tree(src, src_family), build_tree(tgt, tgt_family)
+    m = _Matcher(hints, _is_definition_order(src), _is_definition_order(tgt))
+    m.descend(src_tree, tgt_tree)
+    result = m.result
+    log.append(
+        f"paired {len(result.pairs)} tensors by structure; {len(result.conflicts)} ambiguous "
+        f"group(s), {len(result.unpaired_targets)} target(s) unpaired"
+    )
+    problems: list[str] = []
+    out: list[tuple[str, tuple[str, ...], tuple[Op, ...]]] = []
+    flatten = _flatten_pair(
+        result.pairs, src_family, tgt_family, m.ordered or _is_definition_order(src), log
+    )
+    for s, t in result.pairs:
+        assert s.spec is not None and t.spec is not None
+        channels = flatten[1] if flatten and flatten[0] is s else None
+        ops = fit_ops(s.spec, t.spec, s.role, src_family, tgt_family, flatten_channels=channels)
+        if ops is None:
+            problems.append(
+                f"paired {s.spec.name} {s.spec.shape} with {t.spec.name} {t.spec.shape} "
+                "by structure, but no layout change makes one into the other"
+            )
+        else:
+            out.append((t.spec.name, (s.spec.name,), ops))
+    if result.conflicts or result.unpaired_targets or problems:
+        raise MatchError(_failure_message(result, problems))
+    return out, dropped
+
+
+def _flatten_pair(
+    pairs: list[tuple[Node, Node]],
+    src_family: str,
+    tgt_family: str,
+    src_ordered: bool,
+    log: list[str],
+) -> tuple[Node, int] | None:
+    """The dense layer right after a conv stack, whose input is a flattened feature map.
+
+    torch flattens NCHW, the others NHWC, so that one kernel needs its input axis regrouped.
+    Shapes give the channels C (the last conv's outputs) but not which dense layer follows the
+    flatten: with the source in definition order it is the first dense layer after the last
+    conv; otherwise it must be the only dense layer whose fan-in is C times a square (H*W).
+    """
+    if (src_family == "pytorch") == (tgt_family == "pytorch"):
+        return None
+    torch_side = src_family == "pytorch"
+    convs = [(s, t) for s, t in pairs if s.role == "matrix" and s.spec and len(s.spec.shape) == 4]
+    if not convs:
+        return None
+
+    def key(n: Node) -> tuple[object, ...]:
+        return (n.order,) if src_ordered else natural_key(n.path)
+
+    last_s, _ = max(convs, key=lambda p: key(p[0]))
+    assert last_s.spec is not None
+    channels = last_s.spec.shape[0] if torch_side else last_s.spec.shape[-1]
+
+    def fan_in(n: Node) -> int:
+        assert n.spec is not None
+        return n.spec.shape[1] if torch_side else n.spec.shape[0]
+
+    dense = [
+        s
+        for s, t in pairs
+        if s.role == "matrix"
+        and s.spec
+        and len(s.spec.shape) == 2
+        and t.spec
+        and len(t.spec.shape) == 2
+        and not is_embedding(s.path)
+    ]
+    if src_ordered:
+        after = sorted((s for s in dense if key(s) > key(last_s)), key=key)
+        chosen = after[0] if after else None
+    else:
+        square = [
+            s
+            for s in dense
+            if fan_in(s) % channels == 0
+            and fan_in(s) // channels > 1
+            and math.isqrt(fan_in(s) // channels) ** 2 == fan_in(s) // channels
+        ]
+        chosen = square[0] if len(square) == 1 else None
+        if len(square) > 1:
+            log.append(
+                "several dense layers could follow a conv flatten; none was regrouped "
+                f"({[s.path for s in square[:4]]})"
+            )
+    if chosen is None or fan_in(chosen) % channels or fan_in(chosen) // channels < 2:
+        return None
+    log.append(
+        f"{chosen.path}: follows a conv stack through a flatten; regrouping its input from "
+        f"{'NCHW' if torch_side else 'NHWC'} to {'NHWC' if torch_side else 'NCHW'} order "
+        f"({channels} channels)"
+    )
+    return chosen, channels
+
+
+def _describe(n: Node) -> str:
+    assert n.spec is not None
+    return f"{n.spec.name} {n.spec.shape}"
+
+
+def _failure_message(result: MatchResult, problems: list[str]) -> str:
+    lines = ["failed to pair the following tensors:"]
+    for c in result.conflicts:
+        lines.append(
+            "  ambiguous: these have the same shapes, and neither names nor order tell "
+            "which is which:"
+        )
+        for t in c.targets:
+            lines += [f"    OUT {_describe(leaf)}" for leaf in t.leaves()]
+        for s in c.sources:
+            lines += [f"    IN  {_describe(leaf)}" for leaf in s.leaves()]
+        t_sub, s_sub = _unique_part(c.targets[0], c.targets), _unique_part(c.sources[0], c.sources)
+        lines.append(
+            f"    if {c.targets[0].path!r} corresponds to {c.sources[0].path!r}, pass "
+            f"hints=[({t_sub!r}, {s_sub!r})] (CLI: --hint {t_sub}={s_sub})"
+        )
+    if result.unpaired_targets or result.unpaired_sources:
+        lines.append("  no counterpart with a matching role and size:")
+        lines += [f"    OUT {_describe(n)} [{n.role}]" for n in result.unpaired_targets[:40]]
+        lines += [f"    IN  {_describe(n)} [{n.role}]" for n in result.unpaired_sources[:40]]
+        bias = _bias_mismatch(result)
+        if bias:
+            lines.append(f"  {bias}")
+    lines += [f"  {p}" for p in problems[:20]]
+    return "\n".join(lines)
+
+
+def _unique_part(node: Node, group: Sequence[Node]) -> str:
+    return node.name if all(node.name not in o.path for o in group if o is not node) else node.path
+
+
+def _bias_mismatch(result: MatchResult) -> str:
+    t_bias = [n for n in result.unpaired_targets if n.role == "bias"]
+    s_bias = [n for n in result.unpaired_sources if n.role == "bias"]
+    if t_bias and not s_bias:
+        return (
+            f"the target has biases the source lacks (e.g. {t_bias[0].path}): use_bias differs "
+            "between the implementations"
+        )
+    if s_bias and not t_bias:
+        return (
+            f"the source has biases the target lacks (e.g. {s_bias[0].path}): use_bias differs "
+            "between the implementations"
+        )
+    return ""
