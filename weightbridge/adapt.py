@@ -20,7 +20,7 @@ from weightbridge import io as wio
 from weightbridge.errors import PlanError, SpecError
 from weightbridge.match import Matcher
 from weightbridge.plan import Plan
-from weightbridge.planner import make_plan
+from weightbridge.planner import MINE, make_plan
 from weightbridge.spec import CheckpointSpec, TensorSpec
 from weightbridge.transform import compute
 
@@ -36,6 +36,9 @@ def adapt(
     hints: Sequence[Hint] = (),
     cache: str | os.PathLike[str] | None = None,
     verbose: bool = False,
+    rules: Mapping[str, Any] | None = None,
+    partial: bool = False,
+    slice_mismatched: bool = False,
 ) -> Any:
     """Mine's structure with their values.
 
@@ -51,6 +54,11 @@ def adapt(
         cache: a plan file saved on first use and reused while both sides' specs match. A
             relative path is taken relative to the directory of the calling module.
         verbose: print the matching steps and the final mapping table.
+        rules: ``{target_regex: Transform}`` applied before matching (`weightbridge.rules`);
+            here, in memory, ``value_fn`` works too.
+        partial: load what fits and keep mine's own values for the rest (seed: torch_liberator).
+        slice_mismatched: with `partial`, copy the leading block of same-named tensors whose
+            shapes differ (a 1000-class head into a 10-class one).
 
     Raises:
         MatchError: tensors could not be paired without guessing (the message lists them).
@@ -70,9 +78,15 @@ def adapt(
         plan = _cached_plan(cache_path, src_spec, tgt_spec)
         log: list[str] = []
         if plan is None:
-            plan = make_plan(
-                src_spec, tgt_spec, matcher=Matcher(in_format, out_format, tuple(hints), log)
+            matcher = Matcher(
+                in_format,
+                out_format,
+                tuple(hints),
+                log,
+                partial=partial,
+                slice_mismatched=slice_mismatched,
             )
+            plan = make_plan(src_spec, tgt_spec, matcher=matcher, rules=rules, partial=partial)
             if cache_path:
                 plan.save(cache_path)
         elif verbose:
@@ -80,8 +94,12 @@ def adapt(
         if verbose:
             print("\n".join(log), file=sys.stderr)
             print(plan.explain(), file=sys.stderr)
+        if partial and verbose:
+            print(plan.summary(), file=sys.stderr)
         values: dict[str, Any] = {}
         for step in plan.steps:
+            if step.sources[0].startswith(MINE):
+                continue  # kept: the rebuilt structure keeps mine's own leaf
             arrays = [_to_numpy(src_leaves[s]) for s in step.sources]
             values[step.target.name] = compute(arrays, step.ops, step.target)
         return rebuild(values)

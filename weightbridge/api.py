@@ -7,9 +7,10 @@ a torch module/state dict or a jax pytree. Only specs are taken from targets.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -17,9 +18,10 @@ import numpy as np
 from weightbridge import dtypes
 from weightbridge import io as wio
 from weightbridge.errors import SpecError
+from weightbridge.io.base import UnionReader
 from weightbridge.match import Matcher as AutoMatcher
 from weightbridge.plan import Plan
-from weightbridge.planner import Matcher, Rename, make_plan
+from weightbridge.planner import MINE, Matcher, Rename, make_plan
 from weightbridge.spec import CheckpointSpec, TensorSpec, load_spec_file
 from weightbridge.stream import DEFAULT_MAX_SHARD_SIZE, ConversionReport
 from weightbridge.stream import convert as _stream_convert
@@ -93,47 +95,47 @@ def plan(
     target: Any = None,
     *,
     renames: Sequence[Rename | str] = (),
+    rules: Mapping[str, Any] | None = None,
     from_framework: str | None = None,
     to_framework: str | None = None,
     dtype: str | None = None,
     hints: Sequence[tuple[str, str]] = (),
+    partial: bool = False,
+    slice_mismatched: bool = False,
     matcher: Matcher | None = None,
     log: list[str] | None = None,
 ) -> Plan:
     """Plan a conversion from specs alone (no tensor data is read). See `planner.make_plan`.
 
-    With a target, tensors the renames do not pair by name are paired by the automatic matcher
-    (`weightbridge.match`), which `hints` (target substring, source substring) steer.
+    With a target, explicit `rules` (``{target_regex: Transform}``) run first; tensors they and
+    the renames leave are paired by the automatic matcher (`weightbridge.match`), which
+    `hints` (target substring, source substring) steer. `partial` loads what fits and keeps
+    the target's own values elsewhere; `slice_mismatched` also copies the overlapping block of
+    same-named tensors whose shapes differ (a 1000-class head into 10 classes).
     """
-    return _make(
-        spec_of(source), target, renames, from_framework, to_framework, dtype, hints, matcher, log
-    )
-
-
-def _make(
-    source: CheckpointSpec,
-    target: Any,
-    renames: Sequence[Rename | str],
-    from_framework: str | None,
-    to_framework: str | None,
-    dtype: str | None,
-    hints: Sequence[tuple[str, str]],
-    matcher: Matcher | None = None,
-    log: list[str] | None = None,
-) -> Plan:
     if matcher is None and target is not None:
         matcher = AutoMatcher(
-            from_framework, to_framework, tuple(hints), log if log is not None else []
+            from_framework,
+            to_framework,
+            tuple(hints),
+            log if log is not None else [],
+            partial=partial,
+            slice_mismatched=slice_mismatched,
         )
     return make_plan(
-        source,
+        spec_of(source),
         None if target is None else spec_of(target),
         renames=_rules(renames),
+        rules=rules,
         from_framework=from_framework,
         to_framework=to_framework,
         dtype=dtype,
         matcher=matcher,
+        partial=partial,
     )
+
+
+_plan = plan  # `convert` has an argument called plan
 
 
 def _rules(renames: Sequence[Rename | str]) -> list[Rename]:
@@ -146,54 +148,87 @@ def convert(
     *,
     target: Any = None,
     plan: Plan | str | os.PathLike[str] | None = None,
-    renames: Sequence[Rename | str] = (),
-    from_framework: str | None = None,
-    to_framework: str | None = None,
-    dtype: str | None = None,
-    hints: Sequence[tuple[str, str]] = (),
     format: str = "safetensors",
     max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
     overwrite: bool = False,
     progress: bool = False,
+    **planning: Any,
 ) -> ConversionReport:
     """Plan (unless a plan is given) and stream `source` into the directory `dest`.
 
-    The plan is saved in `dest` as ``.weightbridge-plan.json`` so `verify` can recheck it.
+    `planning` takes the keyword arguments of `plan` (renames, rules, from_framework, hints,
+    partial, ...). The plan is saved in `dest` as ``.weightbridge-plan.json`` so `verify` can
+    recheck it. When the plan keeps some of the target's own values (partial loading), `target`
+    must be a checkpoint with data, which is read for them.
     """
     source = os.fspath(source)
     with wio.open_reader(source) as reader:
         if plan is None:
-            the_plan = _make(
-                reader.specs(), target, renames, from_framework, to_framework, dtype, hints
-            )
+            the_plan = _plan(reader.specs(), target, **planning)
         else:
             the_plan = plan if isinstance(plan, Plan) else Plan.load(plan)
             if target is not None:
-                the_plan.validate(reader.specs(), target=spec_of(target))
-        report = _stream_convert(
-            the_plan,
-            reader,
-            dest,
-            format=format,
-            max_shard_size=max_shard_size,
-            overwrite=overwrite,
-            progress=progress,
-        )
-    the_plan.save(os.path.join(os.fspath(dest), PLAN_FILE))
+                the_plan.validate(_union_spec(reader, the_plan, target), target=spec_of(target))
+        with _with_target_values(reader, the_plan, target) as full:
+            report = _stream_convert(
+                the_plan,
+                full,
+                dest,
+                format=format,
+                max_shard_size=max_shard_size,
+                overwrite=overwrite,
+                progress=progress,
+            )
+    if all(op.kind != "apply" for s in the_plan.steps for op in s.ops):
+        the_plan.save(os.path.join(os.fspath(dest), PLAN_FILE))
     return report
+
+
+def _needs_target_values(plan: Plan) -> bool:
+    return any(s.startswith(MINE) for step in plan.steps for s in step.sources)
+
+
+def _union_spec(reader: Any, plan: Plan, target: Any) -> CheckpointSpec:
+    if not _needs_target_values(plan):
+        spec: CheckpointSpec = reader.specs()
+        return spec
+    tspec = spec_of(target)
+    return CheckpointSpec.of(
+        [*reader.specs(), *(TensorSpec(MINE + t.name, t.shape, t.dtype) for t in tspec)]
+    )
+
+
+@contextlib.contextmanager
+def _with_target_values(reader: Any, plan: Plan, target: Any) -> Iterator[Any]:
+    if not _needs_target_values(plan):
+        yield reader
+        return
+    if not isinstance(target, (str, os.PathLike)) or os.fspath(target).endswith(".json"):
+        kept = [s.target.name for s in plan.steps if s.sources[0].startswith(MINE)]
+        raise SpecError(
+            f"the plan keeps the target's own values for {len(kept)} tensor(s) (e.g. {kept[0]!r}), "
+            "so the target must be a checkpoint with data (--like model.safetensors), not a spec"
+        )
+    with wio.open_reader(target) as mine:
+        yield UnionReader({MINE: mine, "": reader})
 
 
 def verify(
     source: str | os.PathLike[str],
     dest: str | os.PathLike[str],
     plan: Plan | str | os.PathLike[str] | None = None,
+    target: Any = None,
 ) -> int:
     """Recompute every output tensor from the source and compare; returns how many were checked."""
     dest = os.fspath(dest)
     if plan is None:
         plan = os.path.join(dest, PLAN_FILE)
     the_plan = plan if isinstance(plan, Plan) else Plan.load(plan)
-    return _stream_verify(the_plan, source, dest)
+    with (
+        wio.open_reader(os.fspath(source)) as reader,
+        _with_target_values(reader, the_plan, target) as full,
+    ):
+        return _stream_verify(the_plan, full, dest)
 
 
 def save_spec(obj: Any, path: str | os.PathLike[str]) -> CheckpointSpec:

@@ -62,10 +62,18 @@ def _load_rules(args: argparse.Namespace) -> list[Rename]:
 def _make_plan(args: argparse.Namespace) -> Plan:
     if args.plan:
         return Plan.load(args.plan)
+    transforms = None
+    if args.rules:
+        from weightbridge.rulesfile import load_transforms
+
+        transforms = load_transforms(args.rules)
     return api.plan(
         args.source,
         args.like,
         renames=_load_rules(args),
+        rules=transforms,
+        partial=args.partial,
+        slice_mismatched=args.slice_mismatched,
         from_framework=args.from_framework,
         to_framework=args.to_framework,
         dtype=args.dtype,
@@ -123,7 +131,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
     report = api.convert(
         args.source,
         args.output,
-        target=args.like if args.plan else None,
+        target=args.like,
         plan=plan,
         format=args.format,
         max_shard_size=args.max_shard_size,
@@ -131,6 +139,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
         progress=(not args.quiet and sys.stderr.isatty()) or args.progress,
     )
     print(report.summary())
+    if plan.notes or plan.unused:
+        print(plan.summary())
     return 0
 
 
@@ -191,6 +201,17 @@ def build_parser() -> argparse.ArgumentParser:
         )
         s.add_argument("--plan", help="use this saved plan instead of planning")
         s.add_argument("--dtype", help="cast floating-point tensors, e.g. bf16")
+        s.add_argument(
+            "--partial",
+            action="store_true",
+            help="load what fits; other target tensors keep the target's own values",
+        )
+        s.add_argument(
+            "--slice-mismatched",
+            action="store_true",
+            help="with --partial: copy the overlapping block of same-named tensors "
+            "whose shapes differ (a 1000-class head into 10 classes)",
+        )
 
     s = sub.add_parser(
         "plan", help="show (and save) the plan of a conversion, reading no tensor data"

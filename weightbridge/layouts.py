@@ -237,8 +237,8 @@ def leaf_role(
         return "matrix"
     if leaf in _SCALE_LEAVES and rank == 1:
         return "scale"
-    if leaf in _BIAS_LEAVES and leaf != "in_proj_bias" and rank == 1:
-        return "bias"
+    if leaf in _BIAS_LEAVES and leaf != "in_proj_bias" and rank >= 1:
+        return "bias"  # rank 2 for DenseGeneral biases [heads, dim]
     return "param"
 
 

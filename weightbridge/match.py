@@ -30,6 +30,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from weightbridge.errors import MatchError
+from weightbridge.fused import Part, join_ops, source_part_ops, split_fused
 from weightbridge.layouts import fit_ops, guess_family, is_buffer, is_embedding, leaf_role
 from weightbridge.ops import Op
 from weightbridge.spec import TensorSpec
@@ -330,8 +331,30 @@ def _unique_best_assignment(ss: list[Node], ts: list[Node]) -> list[tuple[Node, 
     return [(ss[perm[i]], ts[i]) for i in range(n)]
 
 
+# Words that name a parameter's role, not which module it belongs to.
+_ROLE_WORDS = frozenset(
+    {
+        "weight",
+        "kernel",
+        "bias",
+        "w",
+        "b",
+        "scale",
+        "gamma",
+        "beta",
+        "params",
+        "batch",
+        "stats",
+        "offset",
+        "embedding",
+        "embed",
+    }
+)
+
+
 def _similarity(s: Node, t: Node) -> float:
-    a, b = tokens(s.name), tokens(t.name)
+    """Word overlap of two nodes' paths (Jaccard), role words left out."""
+    a, b = tokens(s.path) - _ROLE_WORDS, tokens(t.path) - _ROLE_WORDS
     if not a or not b:
         return 0.0
     return len(a & b) / len(a | b)
@@ -351,6 +374,8 @@ class Matcher:
     to_framework: str | None = None
     hints: tuple[Hint, ...] = ()
     log: list[str] = field(default_factory=list, compare=False)
+    partial: bool = False
+    slice_mismatched: bool = False
 
     def __call__(
         self, sources: Sequence[TensorSpec], targets: Sequence[TensorSpec]
@@ -362,6 +387,8 @@ class Matcher:
             to_framework=self.to_framework,
             hints=self.hints,
             log=self.log,
+            partial=self.partial,
+            slice_mismatched=self.slice_mismatched,
         )
         return pairs
 
@@ -374,8 +401,13 @@ def match_specs(
     to_framework: str | None = None,
     hints: Sequence[Hint] = (),
     log: list[str] | None = None,
+    partial: bool = False,
+    slice_mismatched: bool = False,
 ) -> tuple[list[tuple[str, tuple[str, ...], tuple[Op, ...]]], list[str]]:
     """Pair target tensors with source tensors; returns (pairs with ops, dropped source names).
+
+    When one-to-one pairing fails, it is retried with fused (qkv, in_proj) and stacked
+    (experts) tensors on either side split into virtual parts (`weightbridge.fused`).
 
     Raises:
         MatchError: ambiguous ties (with the hint that resolves them), unpaired tensors (both
@@ -385,12 +417,47 @@ def match_specs(
     dropped = [s.name for s in sources if is_buffer(s.name)]
     src = [s for s in sources if not is_buffer(s.name)]
     tgt = [t for t in targets if not is_buffer(t.name)]
-    src_family = guess_family([s.name for s in src], from_framework)
-    tgt_family = guess_family([t.name for t in tgt], to_framework)
+    fam = (
+        guess_family([s.name for s in src], from_framework),
+        guess_family([t.name for t in tgt], to_framework),
+    )
     log.append(
-        f"source layout: {src_family}; target layout: {tgt_family}; "
+        f"source layout: {fam[0]}; target layout: {fam[1]}; "
         f"{len(src)} source and {len(tgt)} target tensors ({len(dropped)} buffers dropped)"
     )
+    out, failure = _match_once(src, tgt, fam, hints, log, slice_mismatched, {}, {})
+    if failure:
+        vsrc, sparts = split_fused(src, fam[0] == "pytorch")
+        vtgt, tparts = split_fused(tgt, fam[1] == "pytorch")
+        if sparts or tparts:
+            log.append(
+                f"one-to-one pairing failed; retrying with {len(sparts)} source and "
+                f"{len(tparts)} target fused/stacked parts split out"
+            )
+            retry, second = _match_once(
+                vsrc, vtgt, fam, hints, log, slice_mismatched, sparts, tparts
+            )
+            if not second:
+                return retry, dropped
+    if failure and not partial:
+        raise MatchError(failure)
+    if failure:
+        log.append("partial: left unpaired (they keep their own values):\n" + failure)
+    return out, dropped
+
+
+def _match_once(
+    src: list[TensorSpec],
+    tgt: list[TensorSpec],
+    fam: tuple[str, str],
+    hints: Sequence[Hint],
+    log: list[str],
+    slice_mismatched: bool,
+    sparts: dict[str, Part],
+    tparts: dict[str, Part],
+) -> tuple[list[tuple[str, tuple[str, ...], tuple[Op, ...]]], str]:
+    """One matching pass; returns (pairs with ops, failure message or "")."""
+    src_family, tgt_family = fam
     src_tree, tgt_tree = build_tree(src, src_family), build_tree(tgt, tgt_family)
     m = _Matcher(hints, _is_definition_order(src), _is_definition_order(tgt))
     m.descend(src_tree, tgt_tree)
@@ -404,6 +471,8 @@ def match_specs(
     flatten = _flatten_pair(
         result.pairs, src_family, tgt_family, m.ordered or _is_definition_order(src), log
     )
+    origin_shape = {}
+    groups: dict[str, dict[int, tuple[str, tuple[Op, ...]]]] = defaultdict(dict)
     for s, t in result.pairs:
         assert s.spec is not None and t.spec is not None
         channels = flatten[1] if flatten and flatten[0] is s else None
@@ -413,11 +482,105 @@ def match_specs(
                 f"paired {s.spec.name} {s.spec.shape} with {t.spec.name} {t.spec.shape} "
                 "by structure, but no layout change makes one into the other"
             )
+            continue
+        sname = s.spec.name
+        if sname in sparts:
+            part = sparts[sname]
+            whole = _origin_shape(part, s.spec.shape)
+            ops = (*source_part_ops(part, whole), *ops)
+            sname = part.origin
+        if t.spec.name in tparts:
+            tp = tparts[t.spec.name]
+            groups[tp.origin][tp.index] = (sname, ops)
+            origin_shape[tp.origin] = tp
         else:
-            out.append((t.spec.name, (s.spec.name,), ops))
+            out.append((t.spec.name, (sname,), ops))
+    for origin, members in groups.items():
+        tp = origin_shape[origin]
+        if len(members) != tp.count:
+            problems.append(f"{origin}: only {len(members)} of its {tp.count} parts found sources")
+            continue
+        ordered = [members[i] for i in range(tp.count)]
+        part_shape = next(
+            t.spec.shape
+            for _, t in result.pairs
+            if t.spec and t.spec.name in tparts and tparts[t.spec.name].origin == origin
+        )
+        joined = join_ops(tp, [ops for _, ops in ordered], part_shape)
+        if joined is None:
+            problems.append(
+                f"{origin}: its parts need different layout changes; join them with a rule"
+            )
+            continue
+        out.append((origin, tuple(name for name, _ in ordered), joined))
+        log.append(f"{origin}: {'stacked' if tp.stacked else 'concatenated'} from {tp.count} parts")
+    if slice_mismatched:
+        out += _slice_mismatched(
+            result, src_family, tgt_family, log, (tokens(src_tree.name), tokens(tgt_tree.name))
+        )
     if result.conflicts or result.unpaired_targets or problems:
-        raise MatchError(_failure_message(result, problems))
-    return out, dropped
+        return out, _failure_message(result, problems)
+    return out, ""
+
+
+def _origin_shape(part: Part, shape: tuple[int, ...]) -> tuple[int, ...]:
+    if part.stacked:
+        return (part.count, *shape)
+    whole = list(shape)
+    whole[part.axis] *= part.count
+    return tuple(whole)
+
+
+def _slice_mismatched(
+    result: MatchResult,
+    src_family: str,
+    tgt_family: str,
+    log: list[str],
+    prefixes: tuple[frozenset[str], frozenset[str]] = (frozenset(), frozenset()),
+) -> list[tuple[str, tuple[str, ...], tuple[Op, ...]]]:
+    """Pair leftovers that share a name and role but not a shape, copying the overlapping block.
+
+    Only targets no larger than their source on every axis are filled (a 1000-class head into a
+    10-class one); a larger target keeps its own values.
+    """
+    from weightbridge.layouts import layout_permutation
+
+    out: list[tuple[str, tuple[str, ...], tuple[Op, ...]]] = []
+    by_key: dict[object, list[Node]] = defaultdict(list)
+    for s in result.unpaired_sources:
+        by_key[(s.role, tokens(s.path) - prefixes[0])].append(s)
+    still: list[Node] = []
+    for t in result.unpaired_targets:
+        cands = by_key.get((t.role, tokens(t.path) - prefixes[1]), [])
+        if len(cands) != 1 or cands[0].spec is None or t.spec is None:
+            still.append(t)
+            continue
+        s = cands[0]
+        assert s.spec is not None
+        perm = (
+            layout_permutation(len(s.spec.shape), src_family, tgt_family)
+            if s.role == "matrix"
+            else ()
+        )
+        shape = s.spec.shape
+        for op in perm:
+            shape = op.out_shape([shape])
+        if len(shape) != len(t.spec.shape) or any(
+            tdim > sdim for tdim, sdim in zip(t.spec.shape, shape, strict=True)
+        ):
+            still.append(t)
+            continue
+        from weightbridge.ops import Slice
+
+        slices = tuple(Slice(ax, 0, d) for ax, d in enumerate(t.spec.shape) if d != shape[ax])
+        out.append((t.spec.name, (s.spec.name,), (*perm, *slices)))
+        cands.remove(s)
+        result.unpaired_sources.remove(s)
+        log.append(
+            f"sliced: {t.spec.name} {t.spec.shape} takes the leading block of {s.spec.name} {s.spec.shape}"
+        )
+    result.unpaired_targets = still
+    return out
 
 
 def _flatten_pair(

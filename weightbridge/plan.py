@@ -196,7 +196,25 @@ class Plan:
             lines.append(f"note: {note}")
         return "\n".join(lines)
 
+    def summary(self) -> str:
+        """Counts of what partial loading did: loaded, sliced, kept, unused."""
+        kept = sum(1 for s in self.steps if s.sources[0].startswith("mine:"))
+        sliced = sum(1 for n in self.notes if n.startswith("sliced:"))
+        loaded = len(self.steps) - kept
+        return (
+            f"loaded {loaded} tensor(s) ({sliced} sliced), kept {kept} at the target's own "
+            f"values, left {len(self.unused)} source tensor(s) unused"
+        )
+
     def to_json(self) -> dict[str, Any]:
+        for step in self.steps:
+            for op in step.ops:
+                if op.kind == "apply":
+                    raise PlanError(
+                        f"step {step.target.name!r} calls a Python value_fn (rule "
+                        f"{getattr(op, 'rule', '?')!r}), which a plan file cannot hold; express it "
+                        "with ops (permute, reshape, slice, concat, stack, cast) to save the plan"
+                    )
         return {
             "weightbridge_plan": PLAN_VERSION,
             "source_fingerprint": self.source_fingerprint,

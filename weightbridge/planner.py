@@ -12,15 +12,21 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from weightbridge import dtypes
 from weightbridge.errors import PlanError, RuleError
 from weightbridge.layouts import canonical_framework, convert_param, is_buffer
 from weightbridge.ops import Cast, Op, Reshape, infer
 from weightbridge.plan import Plan, Step
+from weightbridge.rules import resolve as resolve_rules
 from weightbridge.spec import CheckpointSpec, TensorSpec
+
+# Steps whose source names start with this read the *target* checkpoint: the target's own
+# values, for tensors partial loading or a use_fallback rule leaves as they are.
+MINE = "mine:"
 
 _FLOATS = {"F16", "BF16", "F32", "F64", "F8_E4M3", "F8_E5M2"}
 
@@ -79,6 +85,8 @@ def make_plan(
     to_framework: str | None = None,
     dtype: str | None = None,
     matcher: Matcher | None = None,
+    rules: Mapping[str, Any] | None = None,
+    partial: bool = False,
 ) -> Plan:
     """Plan a conversion of `source` into `target` (or into what the renames produce).
 
@@ -89,6 +97,9 @@ def make_plan(
         from_framework, to_framework: layout conventions (``pytorch``, ``flax``, ``keras``...).
         dtype: cast floating-point tensors to this dtype.
         matcher: pairs tensors left unpaired by name (see `weightbridge.match`).
+        rules: ``{target_regex: Transform}`` applied before anything else (see `weightbridge.rules`).
+        partial: load what fits; targets nothing pairs keep their own value (a step whose
+            source is ``mine:<name>``, read from the target checkpoint) instead of an error.
 
     Raises:
         PlanError: unpaired tensors (both sides listed, with shapes) or ops that do not fit.
@@ -138,11 +149,23 @@ def make_plan(
         return Plan.build(source, steps, unused=unused)
 
     paired: dict[str, tuple[tuple[str, ...], tuple[Op, ...]]] = {}
+    kept_by_rule: list[str] = []
+    if rules:
+        outcome = resolve_rules(rules, source, target)
+        paired.update(outcome.steps)
+        kept_by_rule = outcome.fallback
+    taken = {s for snames, _ in paired.values() for s in snames}
     for name, (t, ops) in candidates.items():
-        if name in target:
+        if (
+            name in target
+            and name not in paired
+            and name not in kept_by_rule
+            and t.name not in taken
+        ):
             paired[name] = ((t.name,), _fit(ops, t, target[name]))
-    left_src = [t for name, (t, _) in candidates.items() if name not in target]
-    left_tgt = [t for t in target if t.name not in paired]
+    taken = {s for snames, _ in paired.values() for s in snames}
+    left_src = [t for name, (t, _) in candidates.items() if t.name not in taken]
+    left_tgt = [t for t in target if t.name not in paired and t.name not in kept_by_rule]
     if (left_src or left_tgt) and matcher is not None:
         for tname, snames, ops in matcher(left_src, left_tgt):
             paired[tname] = (snames, ops)
@@ -151,13 +174,31 @@ def make_plan(
         left_tgt = [t for t in target if t.name not in paired]
     kept = [t for t in left_tgt if is_buffer(t.name)]
     left_tgt = [t for t in left_tgt if not is_buffer(t.name)]
-    if left_tgt:
+    if left_tgt and not partial:
         raise PlanError(_unpaired_message(left_src, left_tgt))
     for t in left_src:
         unused[t.name] = (
             "buffer, not carried over" if is_buffer(t.name) else "no counterpart in the target"
         )
     notes = [f"target buffer {t.name} has no source; it keeps its own value" for t in kept]
+    notes += [line for line in getattr(matcher, "log", []) if line.startswith("sliced:")]
+    own = [*kept_by_rule, *(t.name for t in left_tgt)]
+    for name in kept_by_rule:
+        notes.append(f"kept: {name} keeps the target's own value (rule use_fallback)")
+    for t in left_tgt:
+        notes.append(
+            f"kept: {t.name} {t.shape} has no counterpart; it keeps the target's own value"
+        )
+    union = source
+    if own:
+        # The whole target is readable as mine:<name> (see api.convert's UnionReader), so the
+        # plan's source fingerprint covers all of it.
+        union = CheckpointSpec.of(
+            [*source, *(TensorSpec(MINE + t.name, t.shape, t.dtype) for t in target)]
+        )
+        for name in own:
+            paired[name] = ((MINE + name,), ())
+    source = union
     for t in target:
         if t.name not in paired:
             continue

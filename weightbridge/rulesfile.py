@@ -13,8 +13,10 @@ import json
 import os
 from typing import Any
 
-from weightbridge.errors import RuleError
+from weightbridge.errors import PlanError, RuleError
+from weightbridge.ops import op_from_json
 from weightbridge.planner import Rename
+from weightbridge.rules import Transform
 
 
 def load_rules_file(path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -44,6 +46,52 @@ def load_rules_file(path: str | os.PathLike[str]) -> dict[str, Any]:
             f'{path}: a rules file must be an object such as {{"rename": [["a", "b"]]}}'
         )
     return obj
+
+
+def load_transforms(path: str | os.PathLike[str]) -> dict[str, Transform]:
+    """Orbax-style rules from a rules file's ``rules`` list, keyed by target regex, in order."""
+    where = os.fspath(path)
+    raw = load_rules_file(path).get("rules", [])
+    if not isinstance(raw, list):
+        raise RuleError(f"{where}: 'rules' must be a list of objects")
+    out: dict[str, Transform] = {}
+    for i, rule in enumerate(raw, 1):
+        label = f"{where}: rule #{i}"
+        if not isinstance(rule, dict) or not isinstance(rule.get("target"), str):
+            raise RuleError(f"{label} must be an object with a 'target' regex, found {rule!r}")
+        unknown = set(rule) - {"target", "source", "ops", "split", "fallback"}
+        if unknown:
+            raise RuleError(
+                f"{label} ({rule['target']!r}): unknown field(s) {sorted(unknown)}; "
+                "known: target, source, ops, split, fallback"
+            )
+        source = rule.get("source")
+        if source is not None and not (
+            isinstance(source, str)
+            or (isinstance(source, list) and all(isinstance(s, str) for s in source))
+        ):
+            raise RuleError(
+                f"{label} ({rule['target']!r}): 'source' must be a string or a list of strings"
+            )
+        split = rule.get("split")
+        if split is not None and not (
+            isinstance(split, list) and len(split) == 3 and all(isinstance(x, int) for x in split)
+        ):
+            raise RuleError(f"{label} ({rule['target']!r}): 'split' must be [axis, index, parts]")
+        ops_raw = rule.get("ops", [])
+        if not isinstance(ops_raw, list):
+            raise RuleError(f"{label} ({rule['target']!r}): 'ops' must be a list")
+        try:
+            ops = tuple(op_from_json(o, where=f"{label} ({rule['target']!r})") for o in ops_raw)
+        except PlanError as e:
+            raise RuleError(str(e)) from e
+        out[rule["target"]] = Transform(
+            original_key=source,
+            use_fallback=bool(rule.get("fallback", False)),
+            ops=ops,
+            split=(split[0], split[1], split[2]) if split else None,
+        )
+    return out
 
 
 def load_renames(path: str | os.PathLike[str]) -> list[Rename]:

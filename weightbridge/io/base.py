@@ -155,3 +155,43 @@ def check_safe_relative(path_in_index: Any, *, index_path: str, what: str = "sha
             "refusing to read it (an index may only name files beside it)"
         )
     return norm
+
+
+class UnionReader(BaseReader):
+    """One reader over several: names starting with a prefix go to that prefix's reader.
+
+    Partial loading reads the target checkpoint's own values as ``mine:<name>`` beside the
+    source's tensors, so a plan can mix both and still be one plan.
+    """
+
+    def __init__(self, readers: dict[str, Any]) -> None:
+        self._readers = readers
+        self.path = " + ".join(getattr(r, "path", "?") for r in readers.values())
+        tensors = []
+        for prefix, reader in readers.items():
+            for t in reader.specs():
+                tensors.append(TensorSpec(prefix + t.name, t.shape, t.dtype))
+        self._spec = CheckpointSpec(tuple(tensors))
+
+    def _route(self, name: str) -> tuple[Any, str]:
+        for prefix, reader in self._readers.items():
+            if prefix and name.startswith(prefix):
+                return reader, name[len(prefix) :]
+        return self._readers[""], name
+
+    def specs(self) -> CheckpointSpec:
+        return self._spec
+
+    def read(self, name: str) -> np.ndarray:
+        reader, inner = self._route(name)
+        arr: np.ndarray = reader.read(inner)
+        return arr
+
+    def byte_range(self, name: str) -> ByteRange | None:
+        reader, inner = self._route(name)
+        result: ByteRange | None = reader.byte_range(inner)
+        return result
+
+    def release(self, name: str) -> None:
+        reader, inner = self._route(name)
+        reader.release(inner)
