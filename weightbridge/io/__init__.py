@@ -148,4 +148,6 @@ def _suffix_format(path: str) -> str:
     for alias in ("safetensors", "npz", "h5"):
         if path.endswith("." + alias):
             return alias
+    if path.endswith((".bin", ".pt", ".pth", ".ckpt")):
+        return "torch"
     raise UnknownFormatError(f"{path}: cannot tell the format from the suffix; pass format=")
