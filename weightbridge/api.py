@@ -17,7 +17,8 @@ import numpy as np
 
 from weightbridge import dtypes
 from weightbridge import io as wio
-from weightbridge.errors import SpecError
+from weightbridge.dest import Destination, destination_for
+from weightbridge.errors import PlanError, SpecError
 from weightbridge.io.base import UnionReader
 from weightbridge.match import Matcher as AutoMatcher
 from weightbridge.plan import Plan
@@ -144,7 +145,7 @@ def _rules(renames: Sequence[Rename | str]) -> list[Rename]:
 
 def convert(
     source: str | os.PathLike[str],
-    dest: str | os.PathLike[str],
+    dest: str | os.PathLike[str] | Destination,
     *,
     target: Any = None,
     plan: Plan | str | os.PathLike[str] | None = None,
@@ -180,7 +181,7 @@ def convert(
                 progress=progress,
             )
     if all(op.kind != "apply" for s in the_plan.steps for op in s.ops):
-        the_plan.save(os.path.join(os.fspath(dest), PLAN_FILE))
+        destination_for(dest).write_json(PLAN_FILE, the_plan.to_json())
     return report
 
 
@@ -215,15 +216,19 @@ def _with_target_values(reader: Any, plan: Plan, target: Any) -> Iterator[Any]:
 
 def verify(
     source: str | os.PathLike[str],
-    dest: str | os.PathLike[str],
+    dest: str | os.PathLike[str] | Destination,
     plan: Plan | str | os.PathLike[str] | None = None,
     target: Any = None,
 ) -> int:
     """Recompute every output tensor from the source and compare; returns how many were checked."""
-    dest = os.fspath(dest)
     if plan is None:
-        plan = os.path.join(dest, PLAN_FILE)
-    the_plan = plan if isinstance(plan, Plan) else Plan.load(plan)
+        out = destination_for(dest)
+        saved = out.read_json(PLAN_FILE)
+        if saved is None:
+            raise PlanError(f"{out.url}: has no {PLAN_FILE}; pass the plan (--plan FILE)")
+        the_plan = Plan.from_json(saved, where=f"{out.url}/{PLAN_FILE}")
+    else:
+        the_plan = plan if isinstance(plan, Plan) else Plan.load(plan)
     with (
         wio.open_reader(os.fspath(source)) as reader,
         _with_target_values(reader, the_plan, target) as full,

@@ -1,15 +1,13 @@
 """The resume journal: which output shards of which conversion are committed, and their hashes.
 
-It lives in the destination as ``.weightbridge-journal.json`` and is rewritten atomically (temp
-name, fsync, rename) after each shard is committed. A shard is recorded only after its file was
-fsynced and renamed into place, so a crash at any point leaves either a recorded, complete shard
-or one that the rerun writes again.
+It lives in the destination as ``.weightbridge-journal.json`` and is rewritten atomically after
+each shard is committed. A shard is recorded only after it was committed under its final
+name, so a crash at any point leaves either a recorded, complete shard or one that the rerun
+writes again.
 """
 
 from __future__ import annotations
 
-import json
-import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,34 +19,23 @@ JOURNAL_VERSION = 1
 
 @dataclass
 class Journal:
-    """In-memory copy of the journal file of one destination directory."""
+    """In-memory copy of the journal of one destination."""
 
-    dest: str
+    dest: Any  # a weightbridge.dest.Destination
     job: str = ""
     shards: dict[str, dict[str, Any]] = field(default_factory=dict)
     complete: bool = False
     outputs: list[str] = field(default_factory=list)
 
-    @property
-    def path(self) -> str:
-        return os.path.join(self.dest, JOURNAL_NAME)
-
     @classmethod
-    def load(cls, dest: str) -> Journal | None:
-        path = os.path.join(dest, JOURNAL_NAME)
-        try:
-            with open(path, encoding="utf-8") as f:
-                obj = json.load(f)
-        except FileNotFoundError:
+    def load(cls, dest: Any) -> Journal | None:
+        obj = dest.read_json(JOURNAL_NAME)
+        if obj is None:
             return None
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ConversionError(
-                f"{path}: resume journal is not valid JSON ({e}); it was edited or damaged. "
-                "Delete it (the conversion then starts over) or pass --overwrite"
-            ) from e
         if not isinstance(obj, dict) or obj.get("version") != JOURNAL_VERSION:
             raise ConversionError(
-                f"{path}: not a weightbridge journal of version {JOURNAL_VERSION}"
+                f"{dest.url}: {JOURNAL_NAME} is not a weightbridge journal of version "
+                f"{JOURNAL_VERSION}; delete it or pass --overwrite"
             )
         return cls(
             dest,
@@ -59,35 +46,17 @@ class Journal:
         )
 
     def save(self) -> None:
-        body = {
-            "version": JOURNAL_VERSION,
-            "job": self.job,
-            "complete": self.complete,
-            "outputs": self.outputs,
-            "shards": self.shards,
-        }
-        tmp = f"{self.path}.tmp-{os.getpid()}"
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(body, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
-        fsync_dir(self.dest)
+        self.dest.write_json(
+            JOURNAL_NAME,
+            {
+                "version": JOURNAL_VERSION,
+                "job": self.job,
+                "complete": self.complete,
+                "outputs": self.outputs,
+                "shards": self.shards,
+            },
+        )
 
     def record(self, shard: str, size: int, sha256: str) -> None:
         self.shards[shard] = {"size": size, "sha256": sha256}
         self.save()
-
-
-def fsync_dir(path: str) -> None:
-    """Make a rename inside `path` durable (a no-op where directories cannot be opened)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)

@@ -23,7 +23,6 @@ import hashlib
 import os
 import queue
 import re
-import shutil
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -34,9 +33,10 @@ from typing import Any
 import numpy as np
 
 from weightbridge import io as wio
+from weightbridge.dest import Destination, destination_for
 from weightbridge.errors import ConversionError, VerifyError, WeightbridgeError
 from weightbridge.io.base import ByteRange
-from weightbridge.journal import Journal, fsync_dir
+from weightbridge.journal import Journal
 from weightbridge.ops import Reshape
 from weightbridge.plan import Plan, Step
 from weightbridge.spec import TensorSpec
@@ -156,7 +156,7 @@ def _job_id(plan: Plan, shards: list[Shard], format: str, metadata: dict[str, st
 def convert(
     plan: Plan,
     source: Any,
-    dest: str | os.PathLike[str],
+    dest: str | os.PathLike[str] | Destination,
     *,
     format: str = "safetensors",
     max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
@@ -164,12 +164,12 @@ def convert(
     overwrite: bool = False,
     progress: bool = False,
 ) -> ConversionReport:
-    """Stream `source` through `plan` into the directory `dest`, resuming an earlier run.
+    """Stream `source` through `plan` into `dest`, resuming an earlier run.
 
     Args:
         plan: the plan (validated against the source's specs before anything is written).
         source: a checkpoint path or an open reader.
-        dest: output directory (created if missing).
+        dest: output directory, object-store URL (``s3://bucket/prefix``), or a `Destination`.
         format: output format: ``safetensors``, ``npz``, ``h5`` or ``torch``.
         max_shard_size: bytes (or ``"5GB"``) per output file.
         metadata: string metadata for the output header (safetensors ``__metadata__``).
@@ -181,18 +181,18 @@ def convert(
         ConversionError: the destination holds another conversion, lacks space, or a write failed.
     """
     started = time.perf_counter()
-    dest = os.fspath(dest)
+    target = destination_for(dest)
     reader, owned = _open_source(source)
     try:
         plan.validate(reader.specs())
         shards = layout_shards(plan, format=format, max_shard_size=max_shard_size)
         outputs = [s.name for s in shards] + ([index_name(format)] if len(shards) > 1 else [])
         job = _job_id(plan, shards, format, metadata)
-        journal = _prepare_destination(dest, job, outputs, overwrite=overwrite)
-        report = ConversionReport(dest, [s.name for s in shards])
-        done = _committed_shards(journal, shards, format)
+        journal = _prepare_destination(target, job, outputs, overwrite=overwrite)
+        report = ConversionReport(target.url, [s.name for s in shards])
+        done = _committed_shards(journal, shards)
         todo = [s for s in shards if s.name not in done]
-        _check_space(dest, sum(s.nbytes for s in todo))
+        _check_space(target, sum(s.nbytes for s in todo))
         bar = _progress_bar(
             plan.target.nbytes, sum(s.nbytes for s in shards if s.name in done), progress
         )
@@ -204,7 +204,7 @@ def convert(
                 size, digest = write_shard(
                     reader,
                     shard,
-                    dest,
+                    target,
                     format=format,
                     metadata=metadata,
                     on_bytes=bar.update if bar else None,
@@ -216,10 +216,11 @@ def convert(
             if bar:
                 bar.close()
         if len(shards) > 1:
-            from weightbridge.io.sharded import write_index
-
             weight_map = {st.target.name: s.name for s in shards for st in s.steps}
-            write_index(os.path.join(dest, index_name(format)), weight_map, plan.target.nbytes)
+            target.write_json(
+                index_name(format),
+                {"metadata": {"total_size": plan.target.nbytes}, "weight_map": weight_map},
+            )
         journal.complete = True
         journal.save()
         report.seconds = time.perf_counter() - started
@@ -229,61 +230,48 @@ def convert(
             reader.close()
 
 
-def _prepare_destination(dest: str, job: str, outputs: list[str], *, overwrite: bool) -> Journal:
-    try:
-        os.makedirs(dest, exist_ok=True)
-    except OSError as e:
-        raise ConversionError(f"{dest}: cannot create the output directory ({e.strerror})") from e
-    if not os.access(dest, os.W_OK):
-        raise ConversionError(f"{dest}: output directory is not writable; choose another -o")
+def _prepare_destination(
+    dest: Destination, job: str, outputs: list[str], *, overwrite: bool
+) -> Journal:
+    dest.prepare()
     journal = Journal.load(dest)
     if journal is not None and journal.job != job:
         if not overwrite:
             raise ConversionError(
-                f"{dest}: holds the output of a different conversion (job {journal.job}, this one is "
-                f"{job}: another plan, format or shard size); pass --overwrite to replace it, or "
-                "choose another output directory"
+                f"{dest.url}: holds the output of a different conversion (job {journal.job}, this "
+                f"one is {job}: another plan, format or shard size); pass --overwrite to replace "
+                "it, or choose another output directory"
             )
         for name in journal.outputs:
-            _remove(os.path.join(dest, name))
+            dest.remove(name)
         journal = None
     if journal is None:
-        clashes = [n for n in outputs if os.path.exists(os.path.join(dest, n))]
+        clashes = [n for n in outputs if dest.exists(n)]
         if clashes and not overwrite:
             raise ConversionError(
-                f"{dest}: already has {clashes[:3]} from something other than this conversion; "
+                f"{dest.url}: already has {clashes[:3]} from something other than this conversion; "
                 "pass --overwrite to replace them, or choose another output directory"
             )
         for n in clashes:
-            _remove(os.path.join(dest, n))
+            dest.remove(n)
         journal = Journal(dest, job, {}, False, outputs)
-    # Leftover temp files of a killed run are never reused: their content is unknown.
-    for entry in os.listdir(dest):
-        if ".tmp-" in entry and entry.startswith("."):
-            _remove(os.path.join(dest, entry))
+    dest.remove_temporaries()
     journal.complete = False
     journal.save()
     return journal
 
 
-def _remove(path: str) -> None:
-    try:
-        os.remove(path)
-    except FileNotFoundError:
-        pass
-
-
-def _committed_shards(journal: Journal, shards: list[Shard], format: str) -> set[str]:
+def _committed_shards(journal: Journal, shards: list[Shard]) -> set[str]:
     """Shards the journal records whose files still exist with the recorded size and hash."""
     done = set()
     for shard in shards:
         rec = journal.shards.get(shard.name)
-        path = os.path.join(journal.dest, shard.name)
-        if not rec or not os.path.isfile(path) or os.path.getsize(path) != rec.get("size"):
+        if not rec or journal.dest.size(shard.name) != rec.get("size"):
             journal.shards.pop(shard.name, None)
             continue
         try:
-            digest = hash_shard(path, shard)
+            with journal.dest.open_reader(shard.name) as r:
+                digest = hash_shard(r, shard)
         except WeightbridgeError:
             digest = ""
         if digest == rec.get("sha256"):
@@ -293,13 +281,12 @@ def _committed_shards(journal: Journal, shards: list[Shard], format: str) -> set
     return done
 
 
-def hash_shard(path: str, shard: Shard) -> str:
+def hash_shard(reader: Any, shard: Shard) -> str:
     """sha256 over the shard's tensors' bytes in order, read back through our own reader."""
     h = hashlib.sha256()
-    with wio.open_reader(path) as r:
-        for step in shard.steps:
-            _hash_array(h, r.read(step.target.name))
-            r.release(step.target.name)
+    for step in shard.steps:
+        _hash_array(h, reader.read(step.target.name))
+        reader.release(step.target.name)
     return h.hexdigest()
 
 
@@ -308,14 +295,13 @@ def _hash_array(h: Any, a: np.ndarray) -> None:
         h.update(np.ascontiguousarray(a).reshape(-1).view(np.uint8).data)
 
 
-def _check_space(dest: str, needed: int) -> None:
-    try:
-        free = shutil.disk_usage(dest).free
-    except OSError:
+def _check_space(dest: Destination, needed: int) -> None:
+    free = dest.free_space()
+    if free is None:
         return
     if needed > free:
         raise ConversionError(
-            f"{dest}: not enough free space: the conversion still has to write {needed / 1e9:.2f} GB "
+            f"{dest.url}: not enough free space: the conversion still has to write {needed / 1e9:.2f} GB "
             f"but the filesystem has {free / 1e9:.2f} GB free; free {(needed - free) / 1e9:.2f} GB "
             "more or choose another output directory (a rerun resumes where this one stops)"
         )
@@ -348,7 +334,7 @@ def _is_byte_copy(step: Step, source: TensorSpec) -> bool:
 def write_shard(
     reader: Any,
     shard: Shard,
-    dest: str,
+    dest: Destination,
     *,
     format: str,
     metadata: dict[str, str] | None = None,
@@ -358,9 +344,8 @@ def write_shard(
 
     Depends only on the reader's data and the shard, so any process can produce any shard.
     """
-    final = os.path.join(dest, shard.name)
-    tmp = os.path.join(dest, f".{shard.name}.tmp-{os.getpid()}-{threading.get_ident()}")
-    writer = wio.writer_class(format)(tmp, [s.target for s in shard.steps], metadata)
+    sink = dest.open_shard(shard.name, format, [s.target for s in shard.steps], metadata)
+    writer = sink.writer
     hasher = hashlib.sha256()
     items: queue.Queue[Any] = queue.Queue(maxsize=QUEUE_TILES)
     failure: list[BaseException] = []
@@ -405,21 +390,17 @@ def write_shard(
         thread.join()
         if failure:
             raise failure[0]
-        writer.close()
+        size = sink.commit()
     except BaseException as e:
         if thread.is_alive():
             items.put(None)
             thread.join()
-        writer.abort()
-        _remove(tmp)
+        sink.abort()
         if isinstance(e, OSError):
             raise ConversionError(
-                f"{final}: writing failed ({e.strerror or e}); a rerun resumes"
+                f"{dest.url}/{shard.name}: writing failed ({e.strerror or e}); a rerun resumes"
             ) from e
         raise
-    size = os.path.getsize(tmp)
-    os.replace(tmp, final)
-    fsync_dir(dest)
     return size, hasher.hexdigest()
 
 
@@ -468,7 +449,7 @@ def _one_tile(part: np.ndarray, target: TensorSpec, row: int) -> tuple[int, np.n
     return row, tile
 
 
-def verify(plan: Plan, source: Any, dest: str | os.PathLike[str]) -> int:
+def verify(plan: Plan, source: Any, dest: str | os.PathLike[str] | Destination) -> int:
     """Recompute every target tensor from the source through the plan and compare with `dest`.
 
     Returns the number of tensors checked. Raises VerifyError naming the first tensors that differ.
@@ -476,7 +457,7 @@ def verify(plan: Plan, source: Any, dest: str | os.PathLike[str]) -> int:
     reader, owned = _open_source(source)
     try:
         plan.validate(reader.specs())
-        with wio.open_reader(os.fspath(dest)) as out:
+        with destination_for(dest).open_reader() as out:
             have = out.specs()
             bad = []
             for step in plan.steps:

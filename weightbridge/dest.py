@@ -1,0 +1,194 @@
+"""Destinations: where a conversion's shards, index and journal go, and how a shard commits.
+
+The converter (`weightbridge.stream`) speaks only to this protocol, so a local directory and
+an object store (`weightbridge.io.tensorstore`, for ``s3://``, ``gs://``, ``memory://`` URLs)
+are interchangeable. A shard is written through `open_shard`; `ShardSink.commit` makes it
+visible under its final name atomically (local: fsync + rename), `abort` leaves nothing that
+looks complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import threading
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+from weightbridge import io as wio
+from weightbridge.errors import ConversionError
+from weightbridge.spec import TensorSpec
+
+_URL = re.compile(r"^[a-z][a-z0-9+.-]*://", re.IGNORECASE)
+
+
+class ShardSink(Protocol):
+    writer: Any
+
+    def commit(self) -> int: ...
+
+    def abort(self) -> None: ...
+
+
+class Destination(Protocol):
+    """A place a conversion writes into (a directory, or a prefix in an object store)."""
+
+    url: str
+
+    def prepare(self) -> None: ...
+
+    def exists(self, name: str) -> bool: ...
+
+    def size(self, name: str) -> int | None: ...
+
+    def remove(self, name: str) -> None: ...
+
+    def remove_temporaries(self) -> None: ...
+
+    def read_json(self, name: str) -> Any: ...
+
+    def write_json(self, name: str, obj: Any) -> None: ...
+
+    def open_shard(
+        self, name: str, format: str, tensors: Sequence[TensorSpec], metadata: dict[str, str] | None
+    ) -> ShardSink: ...
+
+    def open_reader(self, name: str | None = None) -> Any: ...
+
+    def free_space(self) -> int | None: ...
+
+
+def destination_for(dest: str | os.PathLike[str] | Destination, **options: Any) -> Destination:
+    """A local directory for paths, a tensorstore destination for URLs (``s3://bucket/x``)."""
+    if not isinstance(dest, (str, os.PathLike)):
+        return dest
+    text = os.fspath(dest)
+    if _URL.match(text) and not text.startswith("file://"):
+        from weightbridge.io.tensorstore import TensorstoreDestination
+
+        remote: Destination = TensorstoreDestination(text, **options)
+        return remote
+    return LocalDirectory(text.removeprefix("file://"))
+
+
+class _LocalSink:
+    def __init__(
+        self,
+        directory: LocalDirectory,
+        name: str,
+        writer_cls: Any,
+        tensors: Sequence[TensorSpec],
+        metadata: dict[str, str] | None,
+    ) -> None:
+        self.directory, self.name = directory, name
+        self.tmp = os.path.join(directory.url, f".{name}.tmp-{os.getpid()}-{threading.get_ident()}")
+        self.writer = writer_cls(self.tmp, list(tensors), metadata)
+
+    def commit(self) -> int:
+        self.writer.close()  # flushes and fsyncs
+        size = os.path.getsize(self.tmp)
+        os.replace(self.tmp, os.path.join(self.directory.url, self.name))
+        fsync_dir(self.directory.url)
+        return size
+
+    def abort(self) -> None:
+        self.writer.abort()
+        _remove(self.tmp)
+
+
+class LocalDirectory:
+    """A directory on a local filesystem: temp names, fsync and rename for atomic commits."""
+
+    def __init__(self, path: str) -> None:
+        self.url = path
+
+    def prepare(self) -> None:
+        try:
+            os.makedirs(self.url, exist_ok=True)
+        except OSError as e:
+            raise ConversionError(
+                f"{self.url}: cannot create the output directory ({e.strerror})"
+            ) from e
+        if not os.access(self.url, os.W_OK):
+            raise ConversionError(
+                f"{self.url}: output directory is not writable; choose another -o"
+            )
+
+    def _path(self, name: str) -> str:
+        return os.path.join(self.url, name)
+
+    def exists(self, name: str) -> bool:
+        return os.path.exists(self._path(name))
+
+    def size(self, name: str) -> int | None:
+        path = self._path(name)
+        return os.path.getsize(path) if os.path.isfile(path) else None
+
+    def remove(self, name: str) -> None:
+        _remove(self._path(name))
+
+    def remove_temporaries(self) -> None:
+        # Leftovers of a killed run are never reused: their content is unknown.
+        for entry in os.listdir(self.url):
+            if entry.startswith(".") and ".tmp-" in entry:
+                _remove(self._path(entry))
+
+    def read_json(self, name: str) -> Any:
+        try:
+            with open(self._path(name), encoding="utf-8") as f:
+                return json.load(f)
+        except FileNotFoundError:
+            return None
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ConversionError(
+                f"{self._path(name)}: not valid JSON ({e}); it was edited or damaged. Delete it "
+                "(the conversion then starts over) or pass --overwrite"
+            ) from e
+
+    def write_json(self, name: str, obj: Any) -> None:
+        path = self._path(name)
+        tmp = f"{path}.tmp-{os.getpid()}-{threading.get_ident()}"
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(obj, f, indent=1)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        fsync_dir(self.url)
+
+    def open_shard(
+        self, name: str, format: str, tensors: Sequence[TensorSpec], metadata: dict[str, str] | None
+    ) -> _LocalSink:
+        return _LocalSink(self, name, wio.writer_class(format), tensors, metadata)
+
+    def open_reader(self, name: str | None = None) -> Any:
+        return wio.open_reader(self._path(name) if name else self.url)
+
+    def free_space(self) -> int | None:
+        try:
+            return shutil.disk_usage(self.url).free
+        except OSError:
+            return None
+
+
+def _remove(path: str) -> None:
+    try:
+        os.remove(path)
+    except FileNotFoundError:
+        pass
+
+
+def fsync_dir(path: str) -> None:
+    """Make a rename inside `path` durable (a no-op where directories cannot be opened)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
