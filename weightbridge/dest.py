@@ -9,18 +9,22 @@ looks complete.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import re
 import shutil
+import socket
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any, Protocol
 
 from weightbridge import io as wio
 from weightbridge.errors import ConversionError
 from weightbridge.spec import TensorSpec
 
+LOCK_NAME = ".weightbridge.lock"
 _URL = re.compile(r"^[a-z][a-z0-9+.-]*://", re.IGNORECASE)
 
 
@@ -58,6 +62,8 @@ class Destination(Protocol):
     def open_reader(self, name: str | None = None) -> Any: ...
 
     def free_space(self) -> int | None: ...
+
+    def lock(self) -> contextlib.AbstractContextManager[None]: ...
 
 
 def destination_for(dest: str | os.PathLike[str] | Destination, **options: Any) -> Destination:
@@ -171,6 +177,32 @@ class LocalDirectory:
             return shutil.disk_usage(self.url).free
         except OSError:
             return None
+
+    @contextlib.contextmanager
+    def lock(self) -> Iterator[None]:
+        """Hold an exclusive lock on the directory for one conversion.
+
+        An `flock` belongs to the open file: the kernel drops it when the process exits, however
+        it exits, so a crashed run never leaves the directory locked.
+        """
+        path = self._path(LOCK_NAME)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = (
+                    os.pread(fd, 200, 0).decode("utf-8", "replace").strip() or "another process"
+                )
+                raise ConversionError(
+                    f"{self.url}: another conversion is writing here ({holder}); wait for it to "
+                    "finish or stop it, or choose another output directory"
+                ) from None
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode(), 0)
+            yield
+        finally:
+            os.close(fd)  # releases the flock
 
 
 def _remove(path: str) -> None:

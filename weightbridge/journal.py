@@ -26,6 +26,7 @@ class Journal:
     shards: dict[str, dict[str, Any]] = field(default_factory=dict)
     complete: bool = False
     outputs: list[str] = field(default_factory=list)
+    source: list[list[Any]] = field(default_factory=list)  # [path, size, mtime_ns] per file
 
     @classmethod
     def load(cls, dest: Any) -> Journal | None:
@@ -43,6 +44,7 @@ class Journal:
             dict(obj.get("shards") or {}),
             bool(obj.get("complete")),
             list(obj.get("outputs") or []),
+            list(obj.get("source") or []),
         )
 
     def save(self) -> None:
@@ -53,6 +55,7 @@ class Journal:
                 "job": self.job,
                 "complete": self.complete,
                 "outputs": self.outputs,
+                "source": self.source,
                 "shards": self.shards,
             },
         )

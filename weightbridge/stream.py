@@ -19,6 +19,8 @@ output, because every byte of a shard is a function of the plan alone.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import os
 import queue
@@ -183,12 +185,17 @@ def convert(
     started = time.perf_counter()
     target = destination_for(dest)
     reader, owned = _open_source(source)
+    stack = contextlib.ExitStack()
     try:
         plan.validate(reader.specs())
         shards = layout_shards(plan, format=format, max_shard_size=max_shard_size)
         outputs = [s.name for s in shards] + ([index_name(format)] if len(shards) > 1 else [])
         job = _job_id(plan, shards, format, metadata)
-        journal = _prepare_destination(target, job, outputs, overwrite=overwrite)
+        target.prepare()
+        stack.enter_context(target.lock())
+        journal = _prepare_destination(
+            target, job, outputs, _source_state(reader), overwrite=overwrite
+        )
         report = ConversionReport(target.url, [s.name for s in shards])
         done = _committed_shards(journal, shards)
         todo = [s for s in shards if s.name not in done]
@@ -226,15 +233,35 @@ def convert(
         report.seconds = time.perf_counter() - started
         return report
     finally:
+        stack.close()
         if owned:
             reader.close()
 
 
+def _source_state(reader: Any) -> list[list[Any]]:
+    """Size and modification time of every source file: cheap, and enough to see a swap."""
+    state = []
+    for path in reader.files():
+        st = os.stat(path)
+        state.append([os.path.abspath(path), st.st_size, st.st_mtime_ns])
+    return state
+
+
 def _prepare_destination(
-    dest: Destination, job: str, outputs: list[str], *, overwrite: bool
+    dest: Destination, job: str, outputs: list[str], source: list[list[Any]], *, overwrite: bool
 ) -> Journal:
-    dest.prepare()
     journal = Journal.load(dest)
+    if journal is not None and journal.job == job and journal.source and journal.source != source:
+        if not overwrite:
+            changed = [s[0] for s in source if s not in journal.source] or [
+                "(files added or removed)"
+            ]
+            raise ConversionError(
+                f"{dest.url}: the source changed since the interrupted conversion started "
+                f"({changed[0]} differs in size or modification time); resuming would mix two "
+                "versions. Pass --overwrite to start over"
+            )
+        journal = None
     if journal is not None and journal.job != job:
         if not overwrite:
             raise ConversionError(
@@ -255,6 +282,7 @@ def _prepare_destination(
         for n in clashes:
             dest.remove(n)
         journal = Journal(dest, job, {}, False, outputs)
+    journal.source = source
     dest.remove_temporaries()
     journal.complete = False
     journal.save()
@@ -396,6 +424,12 @@ def write_shard(
             items.put(None)
             thread.join()
         sink.abort()
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+            raise ConversionError(
+                f"{dest.url}: out of space writing {shard.name} ({e.strerror}); this shard needs "
+                f"{shard.nbytes / 1e6:.1f} MB. Free space and rerun the same command: committed "
+                "shards are kept and the conversion resumes with this one"
+            ) from e
         if isinstance(e, OSError):
             raise ConversionError(
                 f"{dest.url}/{shard.name}: writing failed ({e.strerror or e}); a rerun resumes"

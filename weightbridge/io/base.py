@@ -81,6 +81,11 @@ class BaseReader:
     def release(self, name: str) -> None:
         """Tell the reader `name` is done with, so mapped pages can leave this process's RSS."""
 
+    def files(self) -> list[str]:
+        """The local files this checkpoint is read from (a resume checks none has changed)."""
+        path = getattr(self, "path", "")
+        return [path] if path and os.path.isfile(path) else []
+
     def close(self) -> None:
         pass
 
@@ -195,3 +200,6 @@ class UnionReader(BaseReader):
     def release(self, name: str) -> None:
         reader, inner = self._route(name)
         reader.release(inner)
+
+    def files(self) -> list[str]:
+        return [f for r in self._readers.values() for f in r.files()]

@@ -112,6 +112,9 @@ class ShardedReader(BaseReader):
     def release(self, name: str) -> None:
         self._where[name].release(name)
 
+    def files(self) -> list[str]:
+        return [self.path, *(f for r in self._readers.values() for f in r.files())]
+
     def close(self) -> None:
         for r in self._readers.values():
             r.close()
