@@ -12,7 +12,13 @@ import os
 
 import pytest
 
-_FRAMEWORK_MODULES = {"torch": "torch", "jax": "flax", "tensorflow": "tensorflow"}
+_FRAMEWORK_MODULES = {
+    "torch": "torch",
+    "jax": "flax",
+    "tensorflow": "tensorflow",
+    "keras": "keras",
+    "torchvision": "torchvision",
+}
 
 
 def _required() -> set[str]:

@@ -94,6 +94,8 @@ class Node:
     children: dict[str, Node] = field(default_factory=dict)
     spec: TensorSpec | None = None  # set on leaves
     role: str = ""
+    sig: frozenset[tuple[object, int]] | None = field(default=None, repr=False)
+    inner: set[object] | None = field(default=None, repr=False)
 
     @property
     def is_leaf(self) -> bool:
@@ -176,7 +178,27 @@ def _relaxed(leaf: Node) -> tuple[str, int]:
 
 
 def signature(node: Node) -> frozenset[tuple[object, int]]:
-    return frozenset(Counter(_strict(leaf) for leaf in node.leaves()).items())
+    """Multiset of (role, sorted sizes) over a subtree's leaves; cached on the node."""
+    if node.sig is None:
+        node.sig = frozenset(Counter(_strict(leaf) for leaf in node.leaves()).items())
+    return node.sig
+
+
+def _inner_signatures(node: Node) -> set[object]:
+    """Signatures of every subtree strictly inside `node` (cached)."""
+    if node.is_leaf:
+        return set()
+    if node.inner is None:
+        inner: set[object] = set()
+        for c in node.children.values():
+            inner.add(signature(c))
+            inner |= _inner_signatures(c)
+        node.inner = inner
+    return node.inner
+
+
+def _leaf_count(node: Node) -> int:
+    return 1 if node.is_leaf else sum(_leaf_count(c) for c in node.children.values())
 
 
 @dataclass
@@ -203,6 +225,29 @@ class _Matcher:
         self.result = MatchResult()
 
     def match(self, src: Sequence[Node], tgt: Sequence[Node], where: str) -> None:
+        """Pair children by signature; where nesting differs, inline the largest unpaired
+        container (``blocks`` holding ``0``, ``1`` vs. top-level ``Block_0``, ``Block_1``) and
+        try again, so structure is kept as deep as possible before pairing single leaves."""
+        left_s, left_t = self.pair_by_signature(list(src), list(tgt), where)
+        while left_s and left_t:
+            internal = [n for n in (*left_s, *left_t) if not n.is_leaf]
+            if not internal:
+                break
+            big = max(internal, key=lambda n: (_leaf_count(n), n in left_t))
+            side = left_s if big in left_s else left_t
+            side.remove(big)
+            side.extend(big.children.values())
+            left_s, left_t = self.pair_by_signature(left_s, left_t, where)
+        if left_s or left_t:
+            self.match_leaves(
+                [x for n in left_s for x in n.leaves()],
+                [x for n in left_t for x in n.leaves()],
+                where,
+            )
+
+    def pair_by_signature(
+        self, src: Sequence[Node], tgt: Sequence[Node], where: str
+    ) -> tuple[list[Node], list[Node]]:
         by_sig_s: dict[object, list[Node]] = defaultdict(list)
         by_sig_t: dict[object, list[Node]] = defaultdict(list)
         for n in src:
@@ -211,9 +256,18 @@ class _Matcher:
             by_sig_t[signature(n)].append(n)
         left_s: list[Node] = []
         left_t: list[Node] = []
+        # A signature that also occurs *inside* an unpaired container may have its true partner
+        # in there: pairing it now could be a premature, wrong "unique" match. Such groups wait
+        # until the containers are opened (see `match`).
+        hidden: set[object] = set()
+        for sig in set(by_sig_s) | set(by_sig_t):
+            ss, ts = by_sig_s.get(sig, []), by_sig_t.get(sig, [])
+            if len(ss) != len(ts):
+                for n in (*ss, *ts):
+                    hidden |= _inner_signatures(n)
         for sig, ts in by_sig_t.items():
             ss = by_sig_s.pop(sig, [])
-            if len(ss) != len(ts):
+            if len(ss) != len(ts) or sig in hidden:
                 left_s += ss
                 left_t += ts
                 continue
@@ -221,12 +275,7 @@ class _Matcher:
                 self.descend(s, t)
         for ss in by_sig_s.values():
             left_s += ss
-        if left_s or left_t:
-            self.match_leaves(
-                [x for n in left_s for x in n.leaves()],
-                [x for n in left_t for x in n.leaves()],
-                where,
-            )
+        return left_s, left_t
 
     def descend(self, s: Node, t: Node) -> None:
         if s.is_leaf and t.is_leaf:
@@ -468,9 +517,11 @@ def _match_once(
     )
     problems: list[str] = []
     out: list[tuple[str, tuple[str, ...], tuple[Op, ...]]] = []
-    flatten = _flatten_pair(
-        result.pairs, src_family, tgt_family, m.ordered or _is_definition_order(src), log
-    )
+    orders = (_is_definition_order(src), _is_definition_order(tgt))
+    try:
+        flatten = _flatten_pair(result.pairs, src_family, tgt_family, orders, hints, log)
+    except MatchError as e:
+        return [], str(e)
     origin_shape = {}
     groups: dict[str, dict[int, tuple[str, tuple[Op, ...]]]] = defaultdict(dict)
     for s, t in result.pairs:
@@ -583,19 +634,27 @@ def _slice_mismatched(
     return out
 
 
+FLATTEN_HINT = "@flatten"
+
+
 def _flatten_pair(
     pairs: list[tuple[Node, Node]],
     src_family: str,
     tgt_family: str,
-    src_ordered: bool,
+    orders: tuple[bool, bool],
+    hints: Sequence[Hint],
     log: list[str],
 ) -> tuple[Node, int] | None:
     """The dense layer right after a conv stack, whose input is a flattened feature map.
 
     torch flattens NCHW, the others NHWC, so that one kernel needs its input axis regrouped.
     Shapes give the channels C (the last conv's outputs) but not which dense layer follows the
-    flatten: with the source in definition order it is the first dense layer after the last
-    conv; otherwise it must be the only dense layer whose fan-in is C times a square (H*W).
+    flatten. With either side in definition order (a torch state dict), it is the first dense
+    layer after the last conv in that order; otherwise it must be the only dense layer whose
+    fan-in is a multiple of C, or be named by the hint ``("@flatten", "<target substring>")``.
+
+    Raises:
+        MatchError: several dense layers could follow the flatten and nothing says which.
     """
     if (src_family == "pytorch") == (tgt_family == "pytorch"):
         return None
@@ -603,11 +662,16 @@ def _flatten_pair(
     convs = [(s, t) for s, t in pairs if s.role == "matrix" and s.spec and len(s.spec.shape) == 4]
     if not convs:
         return None
+    src_ordered, tgt_ordered = orders
 
-    def key(n: Node) -> tuple[object, ...]:
-        return (n.order,) if src_ordered else natural_key(n.path)
+    def key(pair: tuple[Node, Node]) -> tuple[object, ...]:
+        if src_ordered:
+            return (pair[0].order,)
+        if tgt_ordered:
+            return (pair[1].order,)
+        return natural_key(pair[1].path)
 
-    last_s, _ = max(convs, key=lambda p: key(p[0]))
+    last_s, _ = max(convs, key=key)
     assert last_s.spec is not None
     channels = last_s.spec.shape[0] if torch_side else last_s.spec.shape[-1]
 
@@ -616,7 +680,7 @@ def _flatten_pair(
         return n.spec.shape[1] if torch_side else n.spec.shape[0]
 
     dense = [
-        s
+        (s, t)
         for s, t in pairs
         if s.role == "matrix"
         and s.spec
@@ -625,23 +689,25 @@ def _flatten_pair(
         and len(t.spec.shape) == 2
         and not is_embedding(s.path)
     ]
-    if src_ordered:
-        after = sorted((s for s in dense if key(s) > key(last_s)), key=key)
-        chosen = after[0] if after else None
+    hinted = [p for p in dense for h in hints if h[0] == FLATTEN_HINT and h[1] in p[1].path]
+    chosen: Node | None
+    if hinted:
+        chosen = hinted[0][0]
+    elif src_ordered or tgt_ordered:
+        last = max(key(c) for c in convs)
+        after = sorted((p for p in dense if key(p) > last), key=key)
+        chosen = after[0][0] if after else None
     else:
-        square = [
-            s
-            for s in dense
-            if fan_in(s) % channels == 0
-            and fan_in(s) // channels > 1
-            and math.isqrt(fan_in(s) // channels) ** 2 == fan_in(s) // channels
-        ]
-        chosen = square[0] if len(square) == 1 else None
-        if len(square) > 1:
-            log.append(
-                "several dense layers could follow a conv flatten; none was regrouped "
-                f"({[s.path for s in square[:4]]})"
+        fits = [s for s, _ in dense if fan_in(s) % channels == 0 and fan_in(s) // channels > 1]
+        if len(fits) > 1:
+            names = [t.path for s, t in dense if s in fits]
+            raise MatchError(
+                f"cannot tell which dense layer follows the flatten after the conv stack "
+                f"({channels} channels): any of {names[:4]} could, and neither side keeps "
+                "definition order. Name it with hints=[('@flatten', '<part of its target name>')] "
+                "(CLI: --hint @flatten=NAME)"
             )
+        chosen = fits[0] if fits else None
     if chosen is None or fan_in(chosen) % channels or fan_in(chosen) // channels < 2:
         return None
     log.append(
