@@ -229,6 +229,8 @@ def leaf_role(
     'scale'
     """
     rank = len(shape)
+    if leaf.isdigit() and re.search(r"(^|[./])vars[./]\d+$", path):
+        return _keras3_role(int(leaf), rank, siblings)
     if leaf in _MEAN_LEAVES and rank == 1:
         return "mean"
     if leaf in _VAR_LEAVES and rank == 1:
@@ -252,6 +254,25 @@ _BUFFERS = re.compile(
 def is_buffer(name: str) -> bool:
     """True for buffers such as ``num_batches_tracked`` that a conversion need not carry over."""
     return bool(_BUFFERS.search(name))
+
+
+def _keras3_role(index: int, rank: int, siblings: Mapping[str, object]) -> str:
+    """Role of Keras 3's ``layers/<layer>/vars/<i>``: the layer's variables in build order.
+
+    Dense/Conv: kernel, bias. BatchNormalization: gamma, beta, moving_mean, moving_variance.
+    LayerNormalization: gamma, beta. Embedding: embeddings.
+    """
+    if rank >= 2:
+        return "matrix"
+    shapes = [getattr(v, "shape", ()) for k, v in sorted(siblings.items()) if k.isdigit()]
+    has_matrix = any(len(s) >= 2 for s in shapes)
+    if has_matrix:
+        return "bias"
+    if len(shapes) == 4:
+        return ("scale", "bias", "mean", "var")[index] if index < 4 else "param"
+    if len(shapes) == 2:
+        return ("scale", "bias")[index]
+    return "param"
 
 
 def is_embedding(name: str) -> bool:

@@ -120,7 +120,9 @@ class MappedFile:
     def array(self, offset: int, spec: TensorSpec) -> np.ndarray:
         dt = dtypes.to_numpy(spec.dtype)
         if spec.numel == 0 or self._mm is None:
-            return np.empty(spec.shape, dtype=dt)
+            empty = np.empty(spec.shape, dtype=dt)
+            empty.flags.writeable = False  # read-only like every mapped tensor
+            return empty
         arr = np.frombuffer(self._mm, dtype=dt, count=spec.numel, offset=offset)
         return arr.reshape(spec.shape)
 
