@@ -318,6 +318,9 @@ def fit_ops(
     candidates: list[tuple[Op, ...]] = []
     families_differ = (src_family in _OUT_IN) != (dst_family in _OUT_IN)
     if role == "matrix" and families_differ:
+        depthwise = _keras_depthwise_to_torch(s_shape, t_shape, src_family)
+        if depthwise:
+            candidates.append(depthwise)
         if flatten_channels:
             candidates.append(_flatten_order_ops(s_shape, flatten_channels, src_family in _OUT_IN))
         permuted = layout_permutation(len(s_shape), src_family, dst_family)
@@ -335,6 +338,24 @@ def fit_ops(
             return ops
     first = candidates[0]
     return (*first, Reshape(t_shape))
+
+
+def _keras_depthwise_to_torch(
+    s_shape: tuple[int, ...], t_shape: tuple[int, ...], src_family: str
+) -> tuple[Op, ...] | None:
+    """Keras depthwise ``(h, w, C, M)`` -> torch ``(C*M, 1, h, w)``: output channel c*M + m.
+
+    Merging C and M first (Flax's ``(h, w, 1, C*M)``) keeps that channel order; permuting first
+    would interleave them the other way.
+    """
+    from weightbridge.ops import Reshape
+
+    if src_family in _OUT_IN or len(s_shape) != 4 or len(t_shape) != 4:
+        return None
+    h, w, c, m = s_shape
+    if m == 1 or c == 1 or t_shape != (c * m, 1, h, w):
+        return None
+    return (Reshape((h, w, 1, c * m)), Permute((3, 2, 0, 1)))
 
 
 def _dense_general_candidates(

@@ -671,9 +671,12 @@ def _flatten_pair(
             return (pair[1].order,)
         return natural_key(pair[1].path)
 
-    last_s, _ = max(convs, key=key)
-    assert last_s.spec is not None
-    channels = last_s.spec.shape[0] if torch_side else last_s.spec.shape[-1]
+    last_s, last_t = max(convs, key=key)
+    # The torch side's [O, I/g, kh, kw] always gives the output channels (a Keras depthwise
+    # kernel [kh, kw, C, M] would not: its outputs are C*M).
+    torch_kernel = last_s.spec if torch_side else last_t.spec
+    assert torch_kernel is not None
+    channels = torch_kernel.shape[0]
 
     def fan_in(n: Node) -> int:
         assert n.spec is not None
