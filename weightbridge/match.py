@@ -28,6 +28,7 @@ import re
 from collections import Counter, defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from weightbridge.errors import MatchError
 from weightbridge.fused import Part, join_ops, source_part_ops, split_fused
@@ -95,7 +96,8 @@ class Node:
     spec: TensorSpec | None = None  # set on leaves
     role: str = ""
     sig: frozenset[tuple[object, int]] | None = field(default=None, repr=False)
-    inner: set[object] | None = field(default=None, repr=False)
+    rsig: frozenset[tuple[object, int]] | None = field(default=None, repr=False)
+    inner: dict[str, set[object] | None] | None = field(default=None, repr=False)
 
     @property
     def is_leaf(self) -> bool:
@@ -172,6 +174,14 @@ def _strict(leaf: Node) -> tuple[str, tuple[int, ...]]:
     return leaf.role, tuple(sorted(d for d in leaf.spec.shape if d != 1))
 
 
+def _loose(leaf: Node) -> tuple[str, int]:
+    """Last resort: free parameters and embedding tables pair by size alone (``pos_embed``
+    [1, N, D] as a bare parameter vs. a position-embedding table [N, D])."""
+    assert leaf.spec is not None
+    table = leaf.role == "param" or (leaf.role == "matrix" and is_embedding(leaf.path))
+    return ("table" if table else leaf.role), leaf.spec.numel
+
+
 def _relaxed(leaf: Node) -> tuple[str, int]:
     assert leaf.spec is not None
     return leaf.role, leaf.spec.numel
@@ -184,17 +194,29 @@ def signature(node: Node) -> frozenset[tuple[object, int]]:
     return node.sig
 
 
-def _inner_signatures(node: Node) -> set[object]:
-    """Signatures of every subtree strictly inside `node` (cached)."""
+def relaxed_signature(node: Node) -> frozenset[tuple[object, int]]:
+    """Multiset of (role, element count) over a subtree's leaves; cached on the node."""
+    if node.rsig is None:
+        node.rsig = frozenset(Counter(_relaxed(leaf) for leaf in node.leaves()).items())
+    return node.rsig
+
+
+def _inner_signatures(node: Node, sig_of: Any = None) -> set[object]:
+    """Signatures of every subtree strictly inside `node` (cached per signature kind)."""
+    sig_of = sig_of or signature
     if node.is_leaf:
         return set()
-    if node.inner is None:
+    cache = node.inner.setdefault(sig_of.__name__, None) if node.inner is not None else None
+    if cache is None:
         inner: set[object] = set()
         for c in node.children.values():
-            inner.add(signature(c))
-            inner |= _inner_signatures(c)
-        node.inner = inner
-    return node.inner
+            inner.add(sig_of(c))
+            inner |= _inner_signatures(c, sig_of)
+        if node.inner is None:
+            node.inner = {}
+        node.inner[sig_of.__name__] = inner
+        cache = inner
+    return cache
 
 
 def _leaf_count(node: Node) -> int:
@@ -248,12 +270,22 @@ class _Matcher:
     def pair_by_signature(
         self, src: Sequence[Node], tgt: Sequence[Node], where: str
     ) -> tuple[list[Node], list[Node]]:
+        """Pair nodes whose subtrees hold the same leaves: first by exact sizes, then (for
+        what is left, e.g. [E, E] vs a DenseGeneral [E, heads, dim]) by element counts."""
+        left_s, left_t = self._pair_by(signature, list(src), list(tgt), where)
+        if left_s and left_t:
+            left_s, left_t = self._pair_by(relaxed_signature, left_s, left_t, where)
+        return left_s, left_t
+
+    def _pair_by(
+        self, sig_of: Any, src: list[Node], tgt: list[Node], where: str
+    ) -> tuple[list[Node], list[Node]]:
         by_sig_s: dict[object, list[Node]] = defaultdict(list)
         by_sig_t: dict[object, list[Node]] = defaultdict(list)
         for n in src:
-            by_sig_s[signature(n)].append(n)
+            by_sig_s[sig_of(n)].append(n)
         for n in tgt:
-            by_sig_t[signature(n)].append(n)
+            by_sig_t[sig_of(n)].append(n)
         left_s: list[Node] = []
         left_t: list[Node] = []
         # A signature that also occurs *inside* an unpaired container may have its true partner
@@ -264,7 +296,7 @@ class _Matcher:
             ss, ts = by_sig_s.get(sig, []), by_sig_t.get(sig, [])
             if len(ss) != len(ts):
                 for n in (*ss, *ts):
-                    hidden |= _inner_signatures(n)
+                    hidden |= _inner_signatures(n, sig_of)
         for sig, ts in by_sig_t.items():
             ss = by_sig_s.pop(sig, [])
             if len(ss) != len(ts) or sig in hidden:
@@ -286,7 +318,7 @@ class _Matcher:
             self.match(list(s.children.values()), list(t.children.values()), t.path)
 
     def match_leaves(self, src: list[Node], tgt: list[Node], where: str) -> None:
-        for key in (_strict, _relaxed):
+        for key in (_strict, _relaxed, _loose):
             groups_s: dict[object, list[Node]] = defaultdict(list)
             groups_t: dict[object, list[Node]] = defaultdict(list)
             for n in src:
@@ -331,6 +363,15 @@ class _Matcher:
                     strict=True,
                 )
             )
+        if _index_like(ss, use_path=True) and _index_like(ts, use_path=True):
+            # Same-named modules in numbered parents (layer.3.intermediate vs layers_3/wi).
+            return pairs + list(
+                zip(
+                    sorted(ss, key=lambda n: natural_key(n.path)),
+                    sorted(ts, key=lambda n: natural_key(n.path)),
+                    strict=True,
+                )
+            )
         best = _unique_best_assignment(ss, ts)
         if best is not None:
             return pairs + best
@@ -349,9 +390,9 @@ class _Matcher:
         return self.ordered
 
 
-def _index_like(nodes: Sequence[Node]) -> bool:
-    """Names that differ only in their numbers (``0``, ``1``; ``Dense_0``, ``Dense_1``)."""
-    stems = {re.sub(r"\d+", "#", n.name) for n in nodes}
+def _index_like(nodes: Sequence[Node], *, use_path: bool = False) -> bool:
+    """Names (or full paths) that differ only in their numbers (``0``, ``1``; ``Dense_0``...)."""
+    stems = {re.sub(r"\d+", "#", n.path if use_path else n.name) for n in nodes}
     return len(stems) == 1 and "#" in next(iter(stems))
 
 
