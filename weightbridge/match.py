@@ -32,7 +32,14 @@ from typing import Any
 
 from weightbridge.errors import MatchError
 from weightbridge.fused import Part, join_ops, source_part_ops, split_fused
-from weightbridge.layouts import fit_ops, guess_family, is_buffer, is_embedding, leaf_role
+from weightbridge.layouts import (
+    fit_ops,
+    guess_family,
+    is_buffer,
+    is_embedding,
+    layout_permutation,
+    leaf_role,
+)
 from weightbridge.ops import Op
 from weightbridge.spec import TensorSpec
 
@@ -95,6 +102,7 @@ class Node:
     children: dict[str, Node] = field(default_factory=dict)
     spec: TensorSpec | None = None  # set on leaves
     role: str = ""
+    key: tuple[int, ...] = ()  # oriented shape, see _oriented
     sig: frozenset[tuple[object, int]] | None = field(default=None, repr=False)
     rsig: frozenset[tuple[object, int]] | None = field(default=None, repr=False)
     inner: dict[str, set[object] | None] | None = field(default=None, repr=False)
@@ -123,7 +131,8 @@ def _components(name: str) -> list[str]:
     return out or [name]
 
 
-def build_tree(specs: Sequence[TensorSpec], family: str) -> Node:
+def build_tree(specs: Sequence[TensorSpec], family: str, into: str | None = None) -> Node:
+    """The module tree of one side; `into` (the other side's layout) orients source kernels."""
     root = Node("", "", 0)
     for i, spec in enumerate(specs):
         parts = _components(spec.name)
@@ -143,6 +152,7 @@ def build_tree(specs: Sequence[TensorSpec], family: str) -> Node:
         for child in node.children.values():
             if child.spec is not None:
                 child.role = leaf_role(child.name, child.spec.shape, siblings, family, child.path)
+                child.key = _oriented(child, family, into)
     _collapse(root)
     return root
 
@@ -169,17 +179,29 @@ def _collapse(node: Node) -> None:
             _collapse(c)
 
 
-def _strict(leaf: Node) -> tuple[str, tuple[int, ...]]:
+def _oriented(leaf: Node, family: str, into: str | None) -> tuple[int, ...]:
+    """A leaf's shape as the other side would hold it (kernels permuted to its layout), with
+    size-1 axes dropped: [32, 8] torch up_proj and [8, 32] Flax wi agree, and so up and down
+    projections of the same size are told apart by orientation."""
     assert leaf.spec is not None
-    return leaf.role, tuple(sorted(d for d in leaf.spec.shape if d != 1))
+    shape = leaf.spec.shape
+    if into is not None and leaf.role == "matrix" and not is_embedding(leaf.path):
+        for op in layout_permutation(len(shape), family, into):
+            shape = op.out_shape([shape])
+    return tuple(d for d in shape if d != 1)
+
+
+def _strict(leaf: Node) -> tuple[str, tuple[int, ...]]:
+    return leaf.role, leaf.key
 
 
 def _loose(leaf: Node) -> tuple[str, int]:
-    """Last resort: free parameters and embedding tables pair by size alone (``pos_embed``
-    [1, N, D] as a bare parameter vs. a position-embedding table [N, D])."""
+    """Last resort: weights of any rank pair by size alone (``pos_embed`` [1, N, D] as a bare
+    parameter vs. a position table [N, D]; a flattened (64,) ``w`` vs. an (8, 8) kernel).
+    Ties still need names, order or hints, as everywhere."""
     assert leaf.spec is not None
-    table = leaf.role == "param" or (leaf.role == "matrix" and is_embedding(leaf.path))
-    return ("table" if table else leaf.role), leaf.spec.numel
+    loose = leaf.role in ("param", "matrix", "scale")
+    return ("weight" if loose else leaf.role), leaf.spec.numel
 
 
 def _relaxed(leaf: Node) -> tuple[str, int]:
@@ -548,7 +570,7 @@ def _match_once(
 ) -> tuple[list[tuple[str, tuple[str, ...], tuple[Op, ...]]], str]:
     """One matching pass; returns (pairs with ops, failure message or "")."""
     src_family, tgt_family = fam
-    src_tree, tgt_tree = build_tree(src, src_family), build_tree(tgt, tgt_family)
+    src_tree, tgt_tree = build_tree(src, src_family, tgt_family), build_tree(tgt, tgt_family)
     m = _Matcher(hints, _is_definition_order(src), _is_definition_order(tgt))
     m.descend(src_tree, tgt_tree)
     result = m.result
@@ -610,9 +632,22 @@ def _match_once(
         out += _slice_mismatched(
             result, src_family, tgt_family, log, (tokens(src_tree.name), tokens(tgt_tree.name))
         )
-    if result.conflicts or result.unpaired_targets or problems:
+    # A source module maps whole or not at all: a module the target lacks entirely (a pooler,
+    # a classification head) is left out and reported as unused, but a lone leftover tensor of
+    # a module whose other tensors were used (a bias: use_bias differs) is an error.
+    used_modules = {_parent(s.path) for s, _ in result.pairs}
+    stray = [n for n in result.unpaired_sources if _parent(n.path) in used_modules]
+    if stray and not (result.conflicts or result.unpaired_targets or problems):
+        result.unpaired_sources = stray
+    if result.conflicts or result.unpaired_targets or stray or problems:
         return out, _failure_message(result, problems)
+    for n in result.unpaired_sources:
+        log.append(f"unused: {n.path} (its whole module has no counterpart in the target)")
     return out, ""
+
+
+def _parent(path: str) -> str:
+    return re.split(r"[./](?=[^./]*$)", path)[0] if re.search(r"[./]", path) else ""
 
 
 def _origin_shape(part: Part, shape: tuple[int, ...]) -> tuple[int, ...]:
