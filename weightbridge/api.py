@@ -153,6 +153,7 @@ def convert(
     max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
     overwrite: bool = False,
     progress: bool = False,
+    dest_options: dict[str, Any] | None = None,
     **planning: Any,
 ) -> ConversionReport:
     """Plan (unless a plan is given) and stream `source` into the directory `dest`.
@@ -160,7 +161,8 @@ def convert(
     `planning` takes the keyword arguments of `plan` (renames, rules, from_framework, hints,
     partial, ...). The plan is saved in `dest` as ``.weightbridge-plan.json`` so `verify` can
     recheck it. When the plan keeps some of the target's own values (partial loading), `target`
-    must be a checkpoint with data, which is read for them.
+    must be a checkpoint with data, which is read for them. `dest` may be an object-store URL
+    (``s3://bucket/prefix``; `dest_options` takes ``endpoint``, ``aws_region``, ``step``).
     """
     source = os.fspath(source)
     with wio.open_reader(source) as reader:
@@ -179,9 +181,11 @@ def convert(
                 max_shard_size=max_shard_size,
                 overwrite=overwrite,
                 progress=progress,
+                dest_options=dest_options,
             )
     if all(op.kind != "apply" for s in the_plan.steps for op in s.ops):
-        destination_for(dest).write_json(PLAN_FILE, the_plan.to_json())
+        out = destination_for(dest, format=format, **(dest_options or {}))
+        out.write_json(PLAN_FILE, the_plan.to_json())
     return report
 
 
@@ -219,10 +223,13 @@ def verify(
     dest: str | os.PathLike[str] | Destination,
     plan: Plan | str | os.PathLike[str] | None = None,
     target: Any = None,
+    *,
+    format: str | None = None,
+    dest_options: dict[str, Any] | None = None,
 ) -> int:
     """Recompute every output tensor from the source and compare; returns how many were checked."""
     if plan is None:
-        out = destination_for(dest)
+        out = destination_for(dest, format=format, **(dest_options or {}))
         saved = out.read_json(PLAN_FILE)
         if saved is None:
             raise PlanError(f"{out.url}: has no {PLAN_FILE}; pass the plan (--plan FILE)")
@@ -233,7 +240,9 @@ def verify(
         wio.open_reader(os.fspath(source)) as reader,
         _with_target_values(reader, the_plan, target) as full,
     ):
-        return _stream_verify(the_plan, full, dest)
+        return _stream_verify(
+            the_plan, full, destination_for(dest, format=format, **(dest_options or {}))
+        )
 
 
 def save_spec(obj: Any, path: str | os.PathLike[str]) -> CheckpointSpec:

@@ -137,6 +137,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
         max_shard_size=args.max_shard_size,
         overwrite=args.overwrite,
         progress=(not args.quiet and sys.stderr.isatty()) or args.progress,
+        dest_options=_dest_options(args),
     )
     print(report.summary())
     if plan.notes or plan.unused:
@@ -144,8 +145,19 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _dest_options(args: argparse.Namespace) -> dict[str, object]:
+    options: dict[str, object] = {}
+    for key in ("endpoint", "aws_region", "step"):
+        value = getattr(args, key, None)
+        if value is not None:
+            options[key] = value
+    return options
+
+
 def cmd_verify(args: argparse.Namespace) -> int:
-    n = api.verify(args.source, args.dest, args.plan)
+    n = api.verify(
+        args.source, args.dest, args.plan, format=args.format, dest_options=_dest_options(args)
+    )
     print(f"verified {n} tensors in {args.dest}: every one equals the source through the plan")
     return 0
 
@@ -156,6 +168,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
     workdir = args.dir or tempfile.mkdtemp(prefix="weightbridge-demo-")
     run_demo(workdir, out=sys.stdout)
     return 0
+
+
+def _remote_options(s: argparse.ArgumentParser) -> None:
+    s.add_argument("--endpoint", help="S3-compatible endpoint URL for s3:// destinations")
+    s.add_argument("--aws-region", help="region for s3:// destinations")
+    s.add_argument(
+        "--step",
+        type=int,
+        help="orbax: write step N of a CheckpointManager directory (<dest>/N/default)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -222,8 +244,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("convert", help="stream a checkpoint into a new layout")
     planning(s)
-    s.add_argument("-o", "--output", required=True, help="output directory")
-    s.add_argument("--format", default="safetensors", help="safetensors (default), npz, h5, torch")
+    s.add_argument(
+        "-o",
+        "--output",
+        required=True,
+        help="output directory, or an object-store URL such as s3://bucket/prefix",
+    )
+    s.add_argument(
+        "--format", default="safetensors", help="safetensors (default), npz, h5, torch, zarr, orbax"
+    )
+    _remote_options(s)
     s.add_argument("--max-shard-size", default="5GB", help="largest output file (default 5GB)")
     s.add_argument("--save-plan", help="also save the plan JSON here")
     s.add_argument("--overwrite", action="store_true", help="replace another conversion's output")
@@ -235,6 +265,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("source")
     s.add_argument("dest")
     s.add_argument("--plan", help="plan file (default: the one convert saved in DEST)")
+    s.add_argument("--format", help="the output format convert wrote (needed for zarr/orbax)")
+    _remote_options(s)
     s.set_defaults(func=cmd_verify)
 
     s = sub.add_parser("demo", help="build a small checkpoint, convert it, verify it")

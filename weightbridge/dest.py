@@ -66,12 +66,19 @@ class Destination(Protocol):
     def lock(self) -> contextlib.AbstractContextManager[None]: ...
 
 
-def destination_for(dest: str | os.PathLike[str] | Destination, **options: Any) -> Destination:
-    """A local directory for paths, a tensorstore destination for URLs (``s3://bucket/x``)."""
+# Output formats that are trees of arrays in a kvstore rather than files.
+ARRAY_FORMATS = ("zarr", "zarr3", "orbax")
+
+
+def destination_for(
+    dest: str | os.PathLike[str] | Destination, *, format: str | None = None, **options: Any
+) -> Destination:
+    """Where output goes: a tensorstore destination for URLs (``s3://bucket/x``) and for the
+    array formats (zarr, orbax) even on local paths; a local directory otherwise."""
     if not isinstance(dest, (str, os.PathLike)):
         return dest
     text = os.fspath(dest)
-    if _URL.match(text) and not text.startswith("file://"):
+    if (_URL.match(text) and not text.startswith("file://")) or format in ARRAY_FORMATS:
         from weightbridge.io.tensorstore import TensorstoreDestination
 
         remote: Destination = TensorstoreDestination(text, **options)

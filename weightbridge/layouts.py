@@ -235,11 +235,11 @@ def leaf_role(
         return "mean"
     if leaf in _VAR_LEAVES and rank == 1:
         return "var"
-    if leaf in _MATRIX_LEAVES and rank >= 2 and leaf != "in_proj_weight":
+    if leaf in _MATRIX_LEAVES and rank >= 2:
         return "matrix"
     if leaf in _SCALE_LEAVES and rank == 1:
         return "scale"
-    if leaf in _BIAS_LEAVES and leaf != "in_proj_bias" and rank >= 1:
+    if leaf in _BIAS_LEAVES and rank >= 1:
         return "bias"  # rank 2 for DenseGeneral biases [heads, dim]
     return "param"
 

@@ -103,6 +103,7 @@ class Node:
     spec: TensorSpec | None = None  # set on leaves
     role: str = ""
     key: tuple[int, ...] = ()  # oriented shape, see _oriented
+    counts: dict[str, Counter[object]] = field(default_factory=dict, repr=False)
     sig: frozenset[tuple[object, int]] | None = field(default=None, repr=False)
     rsig: frozenset[tuple[object, int]] | None = field(default=None, repr=False)
     inner: dict[str, set[object] | None] | None = field(default=None, repr=False)
@@ -209,17 +210,31 @@ def _relaxed(leaf: Node) -> tuple[str, int]:
     return leaf.role, leaf.spec.numel
 
 
+def _counts(node: Node, key: Any) -> Counter[object]:
+    """Counter of `key` over a subtree's leaves, built bottom-up from the children's (cached)."""
+    cache = node.counts.get(key.__name__)
+    if cache is None:
+        if node.is_leaf:
+            cache = Counter([key(node)])
+        else:
+            cache = Counter()
+            for c in node.children.values():
+                cache.update(_counts(c, key))
+        node.counts[key.__name__] = cache
+    return cache
+
+
 def signature(node: Node) -> frozenset[tuple[object, int]]:
-    """Multiset of (role, sorted sizes) over a subtree's leaves; cached on the node."""
+    """Multiset of (role, oriented shape) over a subtree's leaves; cached on the node."""
     if node.sig is None:
-        node.sig = frozenset(Counter(_strict(leaf) for leaf in node.leaves()).items())
+        node.sig = frozenset(_counts(node, _strict).items())
     return node.sig
 
 
 def relaxed_signature(node: Node) -> frozenset[tuple[object, int]]:
     """Multiset of (role, element count) over a subtree's leaves; cached on the node."""
     if node.rsig is None:
-        node.rsig = frozenset(Counter(_relaxed(leaf) for leaf in node.leaves()).items())
+        node.rsig = frozenset(_counts(node, _relaxed).items())
     return node.rsig
 
 
@@ -242,7 +257,7 @@ def _inner_signatures(node: Node, sig_of: Any = None) -> set[object]:
 
 
 def _leaf_count(node: Node) -> int:
-    return 1 if node.is_leaf else sum(_leaf_count(c) for c in node.children.values())
+    return sum(_counts(node, _strict).values())
 
 
 @dataclass
@@ -414,7 +429,10 @@ class _Matcher:
 
 def _index_like(nodes: Sequence[Node], *, use_path: bool = False) -> bool:
     """Names (or full paths) that differ only in their numbers (``0``, ``1``; ``Dense_0``...)."""
-    stems = {re.sub(r"\d+", "#", n.path if use_path else n.name) for n in nodes}
+    keys = [n.path if use_path else n.name for n in nodes]
+    if len(set(keys)) != len(keys):  # two nodes both called "1" (conv.0.1, conv.1.1) say nothing
+        return False
+    stems = {re.sub(r"\d+", "#", k) for k in keys}
     return len(stems) == 1 and "#" in next(iter(stems))
 
 
@@ -711,6 +729,9 @@ def _slice_mismatched(
 
 
 FLATTEN_HINT = "@flatten"
+# For models that transpose to NCHW before flattening (seed 003's own JModel does), where the
+# regrouping would be wrong and nothing in the weights shows it.
+NO_FLATTEN_HINT = "@noflatten"
 
 
 def _flatten_pair(
@@ -728,6 +749,7 @@ def _flatten_pair(
     flatten. With either side in definition order (a torch state dict), it is the first dense
     layer after the last conv in that order; otherwise it must be the only dense layer whose
     fan-in is a multiple of C, or be named by the hint ``("@flatten", "<target substring>")``.
+    ``("@noflatten", "")`` turns this off, for models that flatten in NCHW order on both sides.
 
     Raises:
         MatchError: several dense layers could follow the flatten and nothing says which.
@@ -768,6 +790,8 @@ def _flatten_pair(
         and len(t.spec.shape) == 2
         and not is_embedding(s.path)
     ]
+    if any(h[0] == NO_FLATTEN_HINT for h in hints):
+        return None
     hinted = [p for p in dense for h in hints if h[0] == FLATTEN_HINT and h[1] in p[1].path]
     chosen: Node | None
     if hinted:

@@ -165,6 +165,7 @@ def convert(
     metadata: dict[str, str] | None = None,
     overwrite: bool = False,
     progress: bool = False,
+    dest_options: dict[str, Any] | None = None,
 ) -> ConversionReport:
     """Stream `source` through `plan` into `dest`, resuming an earlier run.
 
@@ -177,13 +178,14 @@ def convert(
         metadata: string metadata for the output header (safetensors ``__metadata__``).
         overwrite: replace the output of a different conversion found in `dest`.
         progress: show a tqdm progress bar by bytes.
+        dest_options: for URL destinations: ``endpoint``, ``aws_region``, ``step`` (orbax), ...
 
     Raises:
         PlanError: the plan does not fit the source.
         ConversionError: the destination holds another conversion, lacks space, or a write failed.
     """
     started = time.perf_counter()
-    target = destination_for(dest)
+    target = destination_for(dest, format=format, **(dest_options or {}))
     reader, owned = _open_source(source)
     stack = contextlib.ExitStack()
     try:
@@ -228,6 +230,8 @@ def convert(
                 index_name(format),
                 {"metadata": {"total_size": plan.target.nbytes}, "weight_map": weight_map},
             )
+        if hasattr(target, "finalize"):  # orbax/zarr: top-level metadata, after every shard
+            target.finalize(outputs)
         journal.complete = True
         journal.save()
         report.seconds = time.perf_counter() - started
@@ -483,7 +487,13 @@ def _one_tile(part: np.ndarray, target: TensorSpec, row: int) -> tuple[int, np.n
     return row, tile
 
 
-def verify(plan: Plan, source: Any, dest: str | os.PathLike[str] | Destination) -> int:
+def verify(
+    plan: Plan,
+    source: Any,
+    dest: str | os.PathLike[str] | Destination,
+    *,
+    dest_options: dict[str, Any] | None = None,
+) -> int:
     """Recompute every target tensor from the source through the plan and compare with `dest`.
 
     Returns the number of tensors checked. Raises VerifyError naming the first tensors that differ.
@@ -491,7 +501,7 @@ def verify(plan: Plan, source: Any, dest: str | os.PathLike[str] | Destination) 
     reader, owned = _open_source(source)
     try:
         plan.validate(reader.specs())
-        with destination_for(dest).open_reader() as out:
+        with destination_for(dest, **(dest_options or {})).open_reader() as out:
             have = out.specs()
             bad = []
             for step in plan.steps:

@@ -26,6 +26,7 @@ FORMATS: dict[str, str] = {
     "numpy": "weightbridge.io.numpy",
     "hdf5": "weightbridge.io.hdf5",
     "torch": "weightbridge.io.torch",
+    "tensorstore": "weightbridge.io.tensorstore",
 }
 
 # Output format names users type -> registry name.
@@ -38,6 +39,9 @@ OUTPUT_ALIASES = {
     "torch": "torch",
     "pt": "torch",
     "bin": "torch",
+    "zarr": "tensorstore",
+    "zarr3": "tensorstore",
+    "orbax": "tensorstore",
 }
 
 # How many bytes of a file detection looks at.
@@ -55,6 +59,8 @@ def detect_format(path: str | os.PathLike[str]) -> str:
         UnknownFormatError: nothing recognises the path; the message lists the known formats.
     """
     path = os.fspath(path)
+    if _is_url(path):
+        return "tensorstore"
     if not os.path.exists(path):
         raise UnknownFormatError(f"{path}: no such file or directory")
     path = _single_file_in(path)
@@ -85,6 +91,11 @@ def detect_format(path: str | os.PathLike[str]) -> str:
     return matches[0]
 
 
+def _is_url(path: str) -> bool:
+    """Object-store and in-memory locations go to tensorstore (``file://`` is a local path)."""
+    return "://" in path and not path.startswith("file://")
+
+
 def _single_file_in(path: str) -> str:
     """A directory holding one checkpoint file and no index stands for that file."""
     if not os.path.isdir(path) or any(e.endswith(".index.json") for e in os.listdir(path)):
@@ -102,7 +113,9 @@ def open_reader(path: str | os.PathLike[str], format: str | None = None) -> Any:
 
     `path` may be a file, a directory with an index, or a directory holding one checkpoint file.
     """
-    path = _single_file_in(os.fspath(path))
+    path = os.fspath(path)
+    if not _is_url(path):
+        path = _single_file_in(path)
     name = format or detect_format(path)
     return _module(name).open_reader(path)
 
