@@ -26,6 +26,8 @@ FORMATS: dict[str, str] = {
     "numpy": "weightbridge.io.numpy",
     "hdf5": "weightbridge.io.hdf5",
     "torch": "weightbridge.io.torch",
+    "tfcheckpoint": "weightbridge.io.tfcheckpoint",
+    "msgpack": "weightbridge.io.msgpack",
     "tensorstore": "weightbridge.io.tensorstore",
 }
 
@@ -39,6 +41,8 @@ OUTPUT_ALIASES = {
     "torch": "torch",
     "pt": "torch",
     "bin": "torch",
+    "msgpack": "msgpack",
+    "flax": "msgpack",
     "zarr": "tensorstore",
     "zarr3": "tensorstore",
     "orbax": "tensorstore",
@@ -61,7 +65,7 @@ def detect_format(path: str | os.PathLike[str]) -> str:
     path = os.fspath(path)
     if _is_url(path):
         return "tensorstore"
-    if not os.path.exists(path):
+    if not os.path.exists(path) and not os.path.exists(path + ".index"):  # a bare TF prefix
         raise UnknownFormatError(f"{path}: no such file or directory")
     path = _single_file_in(path)
     head = b""
@@ -158,7 +162,7 @@ def write_checkpoint(
 
 
 def _suffix_format(path: str) -> str:
-    for alias in ("safetensors", "npz", "h5"):
+    for alias in ("safetensors", "npz", "h5", "msgpack"):
         if path.endswith("." + alias):
             return alias
     if path.endswith((".bin", ".pt", ".pth", ".ckpt")):
