@@ -116,3 +116,29 @@ def test_torch_meta_target_comes_back_as_real_tensors() -> None:
         target = torch.nn.Linear(4, 3)
     out = weightbridge.adapt(src.state_dict(), target.state_dict())
     assert out["weight"].device.type == "cpu" and torch.equal(out["weight"], src.weight.detach())
+
+
+def test_numbered_sequentials_inside_sequentials_keep_their_levels() -> None:
+    # torchvision MobileNetV2 nests conv.0.0 / conv.0.1 (conv, bn) and conv.1.0 / conv.1.1;
+    # timm names the same layers conv_pw, bn1, conv_dw, bn2 in one flat block. "0.0" is two
+    # levels, not a Keras-style repeated layer name, or the BatchNorms swap silently.
+    rng = np.random.default_rng(5)
+    theirs: dict[str, np.ndarray] = {}
+    for i, conv_shape in ((0, (96, 16, 1, 1)), (1, (96, 1, 3, 3))):
+        theirs[f"features.2.conv.{i}.0.weight"] = rng.standard_normal(conv_shape).astype(np.float32)
+        for leaf in ("weight", "bias", "running_mean", "running_var"):
+            theirs[f"features.2.conv.{i}.1.{leaf}"] = rng.standard_normal(96).astype(np.float32)
+    mine = {
+        "blocks.1.0.conv_pw.weight": np.zeros((96, 16, 1, 1), np.float32),
+        "blocks.1.0.conv_dw.weight": np.zeros((96, 1, 3, 3), np.float32),
+    }
+    for bn in ("bn1", "bn2"):
+        for leaf in ("weight", "bias", "running_mean", "running_var"):
+            mine[f"blocks.1.0.{bn}.{leaf}"] = np.zeros(96, np.float32)
+    out = weightbridge.adapt(theirs, mine)
+    np.testing.assert_array_equal(
+        out["blocks.1.0.bn1.weight"], theirs["features.2.conv.0.1.weight"]
+    )
+    np.testing.assert_array_equal(
+        out["blocks.1.0.bn2.running_var"], theirs["features.2.conv.1.1.running_var"]
+    )

@@ -127,7 +127,8 @@ def _components(name: str) -> list[str]:
         parts = parts[1:]
     out: list[str] = []
     for p in parts:
-        if not out or out[-1] != p:  # keras h5 repeats the layer name: dense/dense/kernel
+        # Keras h5 repeats the layer name (dense/dense/kernel); "conv.0.0" is two real levels.
+        if not out or out[-1] != p or p.isdigit():
             out.append(p)
     return out or [name]
 
