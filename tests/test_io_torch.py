@@ -578,6 +578,8 @@ def test_reads_pickle_protocol_4_files(tmp_path, legacy) -> None:
     assert _compare_with_torch(path, torch.load(path, weights_only=False), ["w", "b"]) == 2
 
 
+# torch 2.14 deprecates torch.jit.script; we only need it to make a TorchScript archive.
+@pytest.mark.filterwarnings("ignore:`torch.jit.[a-z]*` is deprecated:FutureWarning")
 @pytest.mark.torch
 @pytest.mark.filterwarnings("ignore:`torch.jit:DeprecationWarning")
 def test_torchscript_archives_are_refused_and_long_prefixes_detected(tmp_path) -> None:

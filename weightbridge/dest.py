@@ -162,7 +162,8 @@ class LocalDirectory:
 
     def write_json(self, name: str, obj: Any) -> None:
         path = self._path(name)
-        tmp = f"{path}.tmp-{os.getpid()}-{threading.get_ident()}"
+        # A leading dot, like the shards' temp names, so remove_temporaries finds it after a kill.
+        tmp = self._path(f".{name}.tmp-{os.getpid()}-{threading.get_ident()}")
         with open(tmp, "w", encoding="utf-8") as f:
             json.dump(obj, f, indent=1)
             f.write("\n")

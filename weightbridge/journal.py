@@ -14,7 +14,7 @@ from typing import Any
 from weightbridge.errors import ConversionError
 
 JOURNAL_NAME = ".weightbridge-journal.json"
-JOURNAL_VERSION = 1
+JOURNAL_VERSION = 2  # 2: shard checksums are CRC-32 + size (were sha256)
 
 
 @dataclass
@@ -60,6 +60,6 @@ class Journal:
             },
         )
 
-    def record(self, shard: str, size: int, sha256: str) -> None:
-        self.shards[shard] = {"size": size, "sha256": sha256}
+    def record(self, shard: str, size: int, checksum: str) -> None:
+        self.shards[shard] = {"size": size, "checksum": checksum}
         self.save()

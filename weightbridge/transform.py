@@ -17,15 +17,26 @@ from weightbridge import dtypes
 from weightbridge.ops import Cast, Op, Reshape
 from weightbridge.spec import TensorSpec
 
-# A tile of this many bytes keeps the queue between the transform and the writer thread small
-# (a few tiles in flight = well under the 256 MB memory budget) while each write() call is large
-# enough that syscall overhead disappears against the disk's bandwidth.
-TILE_BYTES = 32 << 20
+# A tile of this many bytes keeps the tiles in flight (transform window + writer queue, about
+# eight) well under the 256 MB memory budget, splits a typical 30-100 MB weight into several
+# tiles so both cores transform at once, and keeps each write() large enough that syscall
+# overhead disappears against the disk's bandwidth.
+TILE_BYTES = 16 << 20
 
-# Side of the square blocks a transposing copy moves at a time: 128x128 elements (32-64 KB)
-# fit in L1/L2 with their TLB entries; on the 2-core test machine this gave 2x the throughput of
-# numpy's naive strided copy (0.9 vs 0.44 GB/s for f32), and 128 beat 64 and 512.
+# Blocks a transposing copy moves at a time: BLOCK_LONG elements along the source's contiguous
+# axis by BLOCK_SHORT along the output's last axis. Tall and narrow beats square: each block
+# reads 16 short runs of the source and writes 1024 runs of 16 elements, which keeps both the
+# cache lines and the TLB entries it touches few. Measured on the 2-core test machine
+# (5632x2048, same-dtype copy on integer views): 128x128 0.3-0.9 GB/s, 1024x16 1.25 GB/s for
+# 2-byte and 1.9 GB/s for 4-byte elements; numpy's naive strided copy 0.2-0.4 GB/s.
+BLOCK_LONG = 1024
+BLOCK_SHORT = 16
+# Casting copies (bf16 -> f32 ...) spend their time converting, not moving; square blocks.
 BLOCK = 128
+
+# Same-width unsigned views: a copy that does not cast moves bits, and numpy's integer copy
+# loops are several times faster than ml_dtypes' per-element bf16/fp8 loops.
+_UINT = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
 
 
 def source_view(arrays: Sequence[np.ndarray], ops: Sequence[Op]) -> np.ndarray:
@@ -70,11 +81,16 @@ def blocked_copy(dst: np.ndarray, src: np.ndarray) -> None:
     if inner == last or (src.shape[inner] <= BLOCK and src.shape[last] <= BLOCK):
         np.copyto(dst, src, casting="unsafe")
         return
+    long_side, short_side = BLOCK, BLOCK
+    if src.dtype == dst.dtype and src.dtype.itemsize in _UINT:
+        bits = _UINT[src.dtype.itemsize]
+        src, dst = src.view(bits), dst.view(bits)
+        long_side, short_side = BLOCK_LONG, BLOCK_SHORT
     index: list[slice] = [slice(None)] * src.ndim
-    for i in range(0, src.shape[inner], BLOCK):
-        index[inner] = slice(i, i + BLOCK)
-        for j in range(0, src.shape[last], BLOCK):
-            index[last] = slice(j, j + BLOCK)
+    for i in range(0, src.shape[inner], long_side):
+        index[inner] = slice(i, i + long_side)
+        for j in range(0, src.shape[last], short_side):
+            index[last] = slice(j, j + short_side)
             key = tuple(index)
             np.copyto(dst[key], src[key], casting="unsafe")
 

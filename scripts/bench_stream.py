@@ -1,0 +1,397 @@
+"""Benchmark the streaming converter against `cp` and a naive load/transpose/save.
+
+Builds a synthetic llama-like bf16 checkpoint (Hugging Face names, ~1 GB safetensors shards and
+``model.safetensors.index.json``), then times, each in its own process and each starting from
+cold source files:
+
+* ``cp`` of the shard files (+ ``sync``): the disk's own speed, the target to match;
+* ``weightbridge convert`` to Flax-like names, every 2-D non-embedding weight transposed
+  (the converter fsyncs each shard; a ``sync`` follows for parity with ``cp``);
+* the naive way: ``safetensors.numpy.load_file`` per shard, ``np.ascontiguousarray(w.T)``,
+  ``save_file``, ``sync``.
+
+While each runs, ``/proc/<pid>/status`` is polled every 20 ms for ``RssAnon`` (anonymous memory:
+what a memory bound is about; mapped file pages are reclaimable page cache) and ``VmHWM``.
+Prints figures only; nothing here asserts on timings. Targets: ours at least 0.9x the speed
+of ``cp``, and its peak ``RssAnon`` at most the largest tensor + 256 MB.
+
+    python scripts/bench_stream.py --size 1GB
+    python scripts/bench_stream.py --size 4GB --dir /data/bench --keep
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from weightbridge import api, dtypes
+from weightbridge.io import writer_class
+from weightbridge.io.sharded import write_index
+from weightbridge.spec import TensorSpec
+from weightbridge.stream import parse_size
+
+HIDDEN = 2048
+INTERMEDIATE = 5632
+VOCAB = 32000
+SHARD_BYTES = 10**9
+MEMORY_SLACK = 256 * 10**6
+POLL_SECONDS = 0.02
+
+# HF llama names -> Flax-like names; the pytorch->flax layout then turns `weight` into
+# `kernel` (transposed), `scale` (norms) or `embedding` (never transposed).
+RENAMES = [r"^model\.layers\.(\d+)\.=layers_\1/", r"^model\.=", r"\.=/"]
+
+
+# --------------------------------------------------------------------------- checkpoint
+
+
+def llama_specs(total_bytes: int) -> list[TensorSpec]:
+    """Specs of a llama-like checkpoint of about `total_bytes` (at least one layer)."""
+    h, i = HIDDEN, INTERMEDIATE
+    per_layer = (4 * h * h + 3 * h * i + 2 * h) * 2
+    fixed = (2 * VOCAB * h + h) * 2
+    layers = max(1, round((total_bytes - fixed) / per_layer))
+    specs = [TensorSpec("model.embed_tokens.weight", (VOCAB, h), "BF16")]
+    for n in range(layers):
+        p = f"model.layers.{n}."
+        specs += [TensorSpec(f"{p}self_attn.{x}_proj.weight", (h, h), "BF16") for x in "qkvo"]
+        specs += [
+            TensorSpec(f"{p}mlp.gate_proj.weight", (i, h), "BF16"),
+            TensorSpec(f"{p}mlp.up_proj.weight", (i, h), "BF16"),
+            TensorSpec(f"{p}mlp.down_proj.weight", (h, i), "BF16"),
+            TensorSpec(f"{p}input_layernorm.weight", (h,), "BF16"),
+            TensorSpec(f"{p}post_attention_layernorm.weight", (h,), "BF16"),
+        ]
+    specs += [
+        TensorSpec("model.norm.weight", (h,), "BF16"),
+        TensorSpec("lm_head.weight", (VOCAB, h), "BF16"),
+    ]
+    return specs
+
+
+def random_bf16(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
+    """Random finite bf16 values (|x| < 2), made from random bits: fast and never NaN/inf."""
+    n = int(np.prod(shape))
+    bits = np.frombuffer(rng.bytes(2 * n), dtype=np.uint16).copy()
+    bits &= 0xBFFF  # clear the top exponent bit: exponent <= 127, so finite
+    return bits.view(dtypes.to_numpy("BF16")).reshape(shape)
+
+
+def make_checkpoint(src: str, total_bytes: int, seed: int = 0) -> list[TensorSpec]:
+    """Write the checkpoint shard by shard, one tensor in memory at a time."""
+    os.makedirs(src, exist_ok=True)
+    specs = llama_specs(total_bytes)
+    groups: list[list[TensorSpec]] = [[]]
+    size = 0
+    for t in specs:
+        if groups[-1] and size + t.nbytes > SHARD_BYTES:
+            groups.append([])
+            size = 0
+        groups[-1].append(t)
+        size += t.nbytes
+    rng = np.random.default_rng(seed)
+    writer = writer_class("safetensors")
+    weight_map = {}
+    for k, group in enumerate(groups, 1):
+        name = f"model-{k:05d}-of-{len(groups):05d}.safetensors"
+        w = writer(os.path.join(src, name), group, {"format": "pt"})
+        for t in group:
+            w.write(t.name, random_bf16(rng, t.shape), 0)
+        w.close()
+        weight_map.update(dict.fromkeys((t.name for t in group), name))
+    write_index(
+        os.path.join(src, "model.safetensors.index.json"),
+        weight_map,
+        sum(t.nbytes for t in specs),
+    )
+    return specs
+
+
+# --------------------------------------------------------------------------- measuring
+
+
+def drop_caches() -> bool:
+    """Try the global page-cache drop (needs privileges a container usually lacks)."""
+    subprocess.run(["sync"], check=True)
+    try:
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("3\n")
+        return True
+    except OSError:
+        return False
+
+
+def evict(paths: list[str]) -> None:
+    """Push files out of the page cache (clean pages; works without privileges)."""
+    subprocess.run(["sync"], check=True)
+    for p in paths:
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def cached_bytes(paths: list[str]) -> int | None:
+    """Bytes of `paths` resident in the page cache (util-linux `fincore`), or None."""
+    if not shutil.which("fincore"):
+        return None
+    out = subprocess.run(
+        ["fincore", "--bytes", "--noheadings", "--output", "RES", *paths],
+        capture_output=True,
+        text=True,
+    )
+    if out.returncode != 0:
+        return None
+    return sum(int(x) for x in out.stdout.split())
+
+
+def _status(pid: int) -> dict[str, int]:
+    fields = {}
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key in ("RssAnon", "VmHWM"):
+                    fields[key] = int(value.split()[0]) * 1024
+    except (FileNotFoundError, ProcessLookupError, ValueError):
+        pass
+    return fields
+
+
+@dataclass
+class Run:
+    seconds: float
+    cpu_seconds: float
+    peak_rss_anon: int
+    vm_hwm: int
+
+
+def run_polled(cmd: list[str]) -> Run:
+    """Run `cmd`, polling its RssAnon/VmHWM every 20 ms; then `sync`. Time covers both.
+
+    CPU time (user + system of the child and the sync) is reported too: unlike wall time it
+    hardly changes when other processes share the machine.
+    """
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    started = time.perf_counter()
+    proc = subprocess.Popen(cmd)
+    peak, hwm = 0, 0
+    while proc.poll() is None:
+        s = _status(proc.pid)
+        peak = max(peak, s.get("RssAnon", 0))
+        hwm = max(hwm, s.get("VmHWM", 0))
+        time.sleep(POLL_SECONDS)
+    if proc.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd)[:200]}: failed with exit code {proc.returncode}")
+    subprocess.run(["sync"], check=True)
+    seconds = time.perf_counter() - started
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return Run(seconds, cpu, peak, hwm)
+
+
+NAIVE = r"""
+import json, os, sys
+import ml_dtypes  # registers bfloat16 with numpy, which safetensors.numpy needs
+import numpy as np
+from safetensors.numpy import load_file, save_file
+
+src, dest, mapping_file = sys.argv[1:4]
+with open(mapping_file) as f:
+    mapping = json.load(f)  # source name -> [target name, transpose?]
+with open(os.path.join(src, "model.safetensors.index.json")) as f:
+    index = json.load(f)
+weight_map = {}
+for shard in sorted(set(index["weight_map"].values())):
+    tensors = load_file(os.path.join(src, shard))
+    out = {}
+    for name, w in tensors.items():
+        target, transpose = mapping[name]
+        out[target] = np.ascontiguousarray(w.T) if transpose else w
+        weight_map[target] = shard
+    save_file(out, os.path.join(dest, shard))
+    del tensors, out
+with open(os.path.join(dest, "model.safetensors.index.json"), "w") as f:
+    json.dump({"metadata": index["metadata"], "weight_map": weight_map}, f)
+"""
+
+
+# --------------------------------------------------------------------------- checking
+
+
+def check_sample(src: str, dest: str, pairs: list[tuple[str, str, bool]], k: int) -> int:
+    """Compare a sample of output tensors bit for bit with the source (transposed where planned),
+    reading both through the `safetensors` package as the oracle."""
+    from safetensors import safe_open
+
+    def where(path: str) -> dict[str, str]:
+        index = os.path.join(path, "model.safetensors.index.json")
+        if not os.path.exists(index):  # one shard: no index
+            single = os.path.join(path, "model.safetensors")
+            with safe_open(single, "numpy") as f:
+                return dict.fromkeys(f.keys(), single)
+        with open(index) as f:
+            return {n: os.path.join(path, s) for n, s in json.load(f)["weight_map"].items()}
+
+    src_at, dest_at = where(src), where(dest)
+    rng = random.Random(1)
+    always = [p for p in pairs if not p[0].startswith("model.layers.")]  # embed, norm, lm_head
+    rest = [p for p in pairs if p not in always]
+    sample = always + rng.sample(rest, min(k, len(rest)))
+    for s_name, t_name, transpose in sample:
+        with safe_open(src_at[s_name], "numpy") as f:
+            a = f.get_tensor(s_name)
+        with safe_open(dest_at[t_name], "numpy") as f:
+            b = f.get_tensor(t_name)
+        want = a.T if transpose else a
+        if b.shape != want.shape or b.dtype != want.dtype:
+            raise SystemExit(f"{t_name}: {b.shape} {b.dtype}, expected {want.shape} {want.dtype}")
+        if not np.array_equal(b.view(np.uint16), want.view(np.uint16)):
+            raise SystemExit(f"{t_name}: values differ from {s_name}{'.T' if transpose else ''}")
+    return len(sample)
+
+
+# --------------------------------------------------------------------------- main
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--size", default="4GB", help="checkpoint size, e.g. 4GB or 512MB")
+    ap.add_argument("--dir", help="work directory (default: a new one under /tmp)")
+    ap.add_argument("--keep", action="store_true", help="keep the work directory")
+    ap.add_argument("--skip-naive", action="store_true", help="skip the naive load/save method")
+    ap.add_argument(
+        "--repeat", type=int, default=1, help="run each method N times; report the fastest"
+    )
+    args = ap.parse_args(argv)
+
+    work = args.dir or tempfile.mkdtemp(prefix="wb-bench-", dir="/tmp")
+    os.makedirs(work, exist_ok=True)
+    try:
+        return bench(work, parse_size(args.size), args.skip_naive, max(1, args.repeat))
+    finally:
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+        else:
+            print(f"kept {work}")
+
+
+def bench(work: str, size: int, skip_naive: bool, repeat: int) -> int:
+    print(f"load average before: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    src = os.path.join(work, "src")
+    t0 = time.perf_counter()
+    specs = make_checkpoint(src, size)
+    total = sum(t.nbytes for t in specs)
+    files = sorted(os.path.join(src, f) for f in os.listdir(src))
+    shards = [f for f in files if f.endswith(".safetensors")]
+    largest = max(t.nbytes for t in specs)
+    bound = largest + MEMORY_SLACK
+    print(
+        f"checkpoint: {len(specs)} bf16 tensors, {total / 1e9:.2f} GB in {len(shards)} shards "
+        f"(made in {time.perf_counter() - t0:.1f} s) at {src}"
+    )
+    plan = api.plan(src, renames=RENAMES, from_framework="pytorch", to_framework="flax")
+    pairs = [(s.sources[0], s.target.name, bool(s.ops)) for s in plan.steps]
+    transposed = sum(1 for p in pairs if p[2])
+    print(f"plan: {len(pairs)} tensors, {transposed} transposed (2-D non-embedding weights)")
+    dropped = drop_caches()
+    print(
+        "page cache: "
+        + (
+            "dropped (sync; echo 3 > /proc/sys/vm/drop_caches)"
+            if dropped
+            else "global drop not permitted"
+        )
+        + " before each method, and the source files evicted with posix_fadvise(DONTNEED)"
+    )
+
+    def cold() -> None:
+        if dropped:
+            drop_caches()
+        evict(files)
+        left = cached_bytes(files)
+        if left is not None and left > 0.01 * total:
+            print(f"  warning: {left / 1e6:.0f} MB of the source still cached")
+
+    mapping = os.path.join(work, "mapping.json")
+    with open(mapping, "w") as f:
+        json.dump({s: [t, tr] for s, t, tr in pairs}, f)
+    ours = [sys.executable, "-m", "weightbridge", "convert", src, "--from", "pytorch", "--to"]
+    ours += ["flax", "-q", "--max-shard-size", str(SHARD_BYTES)]
+    for r in RENAMES:
+        ours += ["--rename", r]
+    methods = {
+        "cp + sync": lambda out: ["cp", *files, out],
+        "weightbridge": lambda out: [*ours, "-o", out],
+        "naive load/.T/save": lambda out: [sys.executable, "-c", NAIVE, src, out, mapping],
+    }
+    if skip_naive:
+        del methods["naive load/.T/save"]
+
+    results: dict[str, Run] = {}
+    for attempt in range(repeat):
+        for name, command in methods.items():
+            out = os.path.join(work, "out")
+            os.makedirs(out)
+            cold()
+            run = run_polled(command(out))
+            if name != "cp + sync" and attempt == 0:
+                checked = check_sample(src, out, pairs, 12)
+                print(f"{name}: {checked} sampled tensors bit-identical to the source (.T)")
+            shutil.rmtree(out)
+            best = results.get(name)
+            if best is None or run.seconds < best.seconds:
+                results[name] = Run(
+                    run.seconds,
+                    run.cpu_seconds,
+                    max(run.peak_rss_anon, best.peak_rss_anon if best else 0),
+                    max(run.vm_hwm, best.vm_hwm if best else 0),
+                )
+            elif run.peak_rss_anon > best.peak_rss_anon:
+                best.peak_rss_anon = run.peak_rss_anon
+
+    base = results["cp + sync"].seconds
+    print(f"load average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    print()
+    header = (
+        f"{'method':<20} {'seconds':>8} {'MB/s':>7} {'x cp':>6} {'CPU s':>6} "
+        f"{'RssAnon MB':>11} {'VmHWM MB':>9}"
+    )
+    print(header)
+    print("-" * len(header))
+    for name, r in results.items():
+        print(
+            f"{name:<20} {r.seconds:>8.2f} {total / r.seconds / 1e6:>7.0f} "
+            f"{base / r.seconds:>6.2f} {r.cpu_seconds:>6.2f} {r.peak_rss_anon / 1e6:>11.0f} "
+            f"{r.vm_hwm / 1e6:>9.0f}"
+        )
+    mine = results["weightbridge"]
+    ratio = base / mine.seconds
+    print()
+    print(
+        f"largest tensor: {largest / 1e6:.0f} MB; memory bound (largest + 256 MB): "
+        f"{bound / 1e6:.0f} MB"
+    )
+    print(f"speed  target ours >= 0.9x cp: {ratio:.2f}x -> {'PASS' if ratio >= 0.9 else 'FAIL'}")
+    ok = mine.peak_rss_anon <= bound
+    print(
+        f"memory target peak RssAnon <= bound: {mine.peak_rss_anon / 1e6:.0f} MB "
+        f"-> {'PASS' if ok else 'FAIL'}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
