@@ -81,6 +81,9 @@ class BaseReader:
     def release(self, name: str) -> None:
         """Tell the reader `name` is done with, so mapped pages can leave this process's RSS."""
 
+    def prefetch(self, name: str) -> None:
+        """Ask for `name`'s bytes to be read ahead, in the background (a hint; may do nothing)."""
+
     def files(self) -> list[str]:
         """The local files this checkpoint is read from (a resume checks none has changed)."""
         path = getattr(self, "path", "")
@@ -134,6 +137,21 @@ class MappedFile:
         try:
             self._mm.madvise(mmap.MADV_DONTNEED, start, min(offset + length, self.size) - start)
         except (OSError, ValueError):  # advice only; never worth failing a conversion over
+            pass
+
+    def prefetch(self, offset: int, length: int) -> None:
+        """Start reading a range from disk now, sequentially, before it is touched.
+
+        A transposing copy walks its source in column bands, which on a cold file would fault
+        pages in scattered order; WILLNEED makes the kernel read the whole range ahead.
+        """
+        if self._mm is None or length <= 0 or not hasattr(mmap, "MADV_WILLNEED"):
+            return
+        page = mmap.PAGESIZE
+        start = (offset // page) * page
+        try:
+            self._mm.madvise(mmap.MADV_WILLNEED, start, min(offset + length, self.size) - start)
+        except (OSError, ValueError):  # advice only
             pass
 
     def close(self) -> None:
@@ -202,6 +220,10 @@ class UnionReader(BaseReader):
     def release(self, name: str) -> None:
         reader, inner = self._route(name)
         reader.release(inner)
+
+    def prefetch(self, name: str) -> None:
+        reader, inner = self._route(name)
+        reader.prefetch(inner)
 
     def files(self) -> list[str]:
         return [f for r in self._readers.values() for f in r.files()]

@@ -12,13 +12,14 @@ from __future__ import annotations
 import glob
 import json
 import os
+import reprlib
 from typing import Any
 
 import numpy as np
 
 from weightbridge.errors import FormatError
 from weightbridge.io.base import BaseReader, ByteRange, check_safe_relative
-from weightbridge.spec import CheckpointSpec
+from weightbridge.spec import CheckpointSpec, parse_json
 
 NAME = "sharded"
 SUFFIXES = (".index.json",)
@@ -55,16 +56,24 @@ class ShardedReader(BaseReader):
         self.path = index_path
         base = os.path.dirname(os.path.abspath(index_path))
         try:
-            with open(index_path, encoding="utf-8") as f:
-                index: Any = json.load(f)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            with open(index_path, "rb") as f:
+                index: Any = parse_json(f.read().decode("utf-8"))
+        except OSError as e:
+            raise FormatError(f"{index_path}: cannot read the index ({e.strerror or e})") from e
+        except ValueError as e:  # bad UTF-8 or JSON, a name listed twice, absurd nesting
             raise FormatError(f"{index_path}: index is not valid JSON ({e})") from e
         weight_map = index.get("weight_map") if isinstance(index, dict) else None
         if not isinstance(weight_map, dict):
             raise FormatError(f"{index_path}: index must be an object with a 'weight_map' object")
         shard_names: dict[str, None] = {}
         for shard in weight_map.values():
-            shard_names[check_safe_relative(shard, index_path=index_path)] = None
+            name = check_safe_relative(shard, index_path=index_path)
+            if name.endswith(INDEX_SUFFIX):  # an index as a shard would open indexes forever
+                raise FormatError(
+                    f"{index_path}: index names {reprlib.repr(shard)} as a shard, but it is an "
+                    "index file; shards must be checkpoint files"
+                )
+            shard_names[name] = None
         self._readers: dict[str, Any] = {}
         for shard in shard_names:
             shard_path = os.path.join(base, shard)
@@ -111,6 +120,9 @@ class ShardedReader(BaseReader):
 
     def release(self, name: str) -> None:
         self._where[name].release(name)
+
+    def prefetch(self, name: str) -> None:
+        self._where[name].prefetch(name)
 
     def files(self) -> list[str]:
         return [self.path, *(f for r in self._readers.values() for f in r.files())]
