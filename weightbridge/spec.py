@@ -21,6 +21,13 @@ from typing import Any
 from weightbridge import dtypes
 from weightbridge.errors import DtypeError, SpecError
 
+# numpy arrays have at most 64 dimensions (NPY_MAXDIMS); a spec with more describes a tensor no
+# reader could return, so it is refused where it is made instead of failing at the first read.
+MAX_RANK = 64
+# numpy indexes bytes with a signed 64-bit integer; no array (not even a strided view) can be
+# larger, so a file claiming more is corrupt or hostile.
+MAX_NBYTES = (1 << 63) - 1
+
 
 @dataclass(frozen=True, slots=True)
 class TensorSpec:
@@ -39,6 +46,11 @@ class TensorSpec:
         object.__setattr__(self, "dtype", dtypes.canonical(self.dtype))
         if any(d < 0 for d in self.shape):
             raise SpecError(f"tensor {self.name!r}: negative dimension in shape {self.shape}")
+        if len(self.shape) > MAX_RANK:
+            raise SpecError(
+                f"tensor {self.name!r}: {len(self.shape)} dimensions; numpy arrays have at most "
+                f"{MAX_RANK}"
+            )
 
     @property
     def numel(self) -> int:
@@ -149,18 +161,51 @@ class CheckpointSpec:
                 tensors.append(TensorSpec(name, tuple(shape), entry["dtype"]))
             except DtypeError as e:
                 raise SpecError(f"{source}: tensor {name!r}: {e}") from e
+            except SpecError as e:  # it names the tensor already
+                raise SpecError(f"{source}: {e}") from e
         return cls(tuple(tensors), {str(k): str(v) for k, v in metadata.items()})
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise ValueError(f"duplicate key {key!r}")
+            seen.add(key)
+    return obj
+
+
+def parse_json(text: str | bytes) -> Any:
+    """`json.loads` for untrusted files: every failure is a `ValueError`, duplicate keys included.
+
+    A repeated key would otherwise silently keep its last value (two headers for one tensor);
+    nesting deep enough to exhaust the recursion limit, and integers too long to convert, are
+    reported like any other malformed JSON.
+
+    >>> parse_json('{"a": 1, "a": 2}')
+    Traceback (most recent call last):
+    ...
+    ValueError: duplicate key 'a'
+    """
+    try:
+        return json.loads(text, object_pairs_hook=_unique_keys)
+    except RecursionError as e:
+        raise ValueError("nested too deeply") from e
 
 
 def load_spec_file(path: str | os.PathLike[str]) -> CheckpointSpec:
     """Read a target spec file (JSON, a safetensors header without offsets)."""
     path = os.fspath(path)
     try:
-        with open(path, encoding="utf-8") as f:
-            obj = json.load(f)
+        with open(path, "rb") as f:
+            obj = parse_json(f.read().decode("utf-8"))
     except FileNotFoundError as e:
         raise SpecError(f"{path}: spec file not found") from e
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except OSError as e:
+        raise SpecError(f"{path}: cannot read spec file ({e.strerror or e})") from e
+    except ValueError as e:
         raise SpecError(
             f"{path}: spec file is not valid JSON ({e}); expected an object like "
             '{"layer.weight": {"shape": [4, 8], "dtype": "F32"}}'
