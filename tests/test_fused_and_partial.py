@@ -214,3 +214,52 @@ def test_partial_streaming_reads_the_targets_own_values(tmp_path) -> None:
         )
         == 4
     )
+
+
+MOE_CONVERT = """
+import sys, json
+import weightbridge.api as api
+from weightbridge.spec import CheckpointSpec
+target = CheckpointSpec.from_json(json.load(open(sys.argv[3])))
+report = api.convert(sys.argv[1], sys.argv[2], target=target, max_shard_size="300MB")
+print(report.summary())
+"""
+
+
+@pytest.mark.slow
+def test_moe_experts_stack_streams_under_a_memory_cap(tmp_path) -> None:
+    """1 GB of per-expert weights stacked into [experts, ...] tensors under RLIMIT_DATA: anonymous
+    memory stays within baseline + the largest group (one stacked tensor) + 256 MB."""
+    import json
+
+    from test_memory_bound import BASELINE, MB, run_capped
+
+    n, f, h, layers = 8, 2048, 2048, 4  # 16 MB per expert weight, 128 MB per stacked tensor
+    tensors, target = {}, []
+    for layer in range(layers):
+        for w in ("w1", "w2"):
+            for i in range(n):
+                tensors[f"layers.{layer}.moe.experts.{i}.{w}.weight"] = np.full(
+                    (f, h), i + layer, np.float32
+                )
+            target.append(TensorSpec(f"layers_{layer}/moe/experts/{w}/kernel", (n, h, f), "F32"))
+    src = tmp_path / "moe.safetensors"
+    write_checkpoint(str(src), tensors)
+    del tensors
+    spec_path = tmp_path / "stacked.json"
+    spec_path.write_text(json.dumps(CheckpointSpec.of(target).to_json()))
+    code, out, _ = run_capped(["-c", BASELINE, str(src)], None)
+    assert code == 0, out
+    vm_data, baseline = (int(x) for x in out.split())
+    group = n * f * h * 4
+    cap = vm_data + group + 256 * MB
+    code, out, peak = run_capped(
+        ["-c", MOE_CONVERT, str(src), str(tmp_path / "out"), str(spec_path)], cap
+    )
+    assert code == 0, out
+    assert peak <= baseline + group + 256 * MB, (peak / MB, baseline / MB)
+    assert src.stat().st_size > cap  # the checkpoint does not fit under the cap
+    with open_reader(tmp_path / "out") as r:
+        got = r.read("layers_3/moe/experts/w2/kernel")
+        assert got.shape == (n, h, f) and float(got[5, 0, 0]) == 5 + 3
+    assert api.verify(src, tmp_path / "out") == len(target)

@@ -519,6 +519,12 @@ def _produce(reader: Any, shard: Shard, pool: ThreadPoolExecutor) -> Iterator[tu
         if prefetch and i + 1 < len(shard.steps):  # the disk reads the next while we transform
             for s in shard.steps[i + 1].sources:
                 prefetch(s)
+        if len(step.sources) > 1:
+            # Concat/stack materialise the whole group: let the previous group's tiles finish
+            # first, so at most one group is held (the memory bound is the largest group).
+            limit, saved = 0, limit
+            yield from ready()
+            limit = saved
         arrays = [reader.read(s) for s in step.sources]
         brange: ByteRange | None = None
         if _is_byte_copy(step, specs[step.sources[0]]):
@@ -533,7 +539,10 @@ def _produce(reader: Any, shard: Shard, pool: ThreadPoolExecutor) -> Iterator[tu
                 fut = pool.submit(_one_tile, part, step.target, row)
                 fut.name = step.target.name  # type: ignore[attr-defined]
                 window.append(fut)
+                del part  # only the future holds the slice, so the group dies with its tiles
                 yield from ready()
+            del view
+        del arrays
         window.append(("release", step.sources))
         yield from ready()
     limit = 0

@@ -72,7 +72,8 @@ def detect_format(path: str | os.PathLike[str]) -> str:
     if os.path.isfile(path):
         with open(path, "rb") as f:
             head = f.read(_HEAD_BYTES)
-    matches, unavailable = [], []
+    matches: list[str] = []
+    unavailable: list[str] = []
     for name in FORMATS:
         # Magic bytes decide alone when the file's suffix agrees: stop there, so opening a
         # safetensors file never imports h5py, tensorstore or the pickle machinery (~0.2 s).
