@@ -11,14 +11,15 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import reprlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from weightbridge.errors import PlanError
+from weightbridge.errors import DtypeError, PlanError, SpecError
 from weightbridge.layouts import is_buffer
 from weightbridge.ops import Cast, Op, describe, infer, op_from_json
-from weightbridge.spec import CheckpointSpec, TensorSpec
+from weightbridge.spec import CheckpointSpec, TensorSpec, parse_json
 
 PLAN_VERSION = 1
 
@@ -43,13 +44,16 @@ class Step:
     @classmethod
     def from_json(cls, obj: Any, *, where: str) -> Step:
         if not isinstance(obj, dict):
-            raise PlanError(f"{where}: a step must be an object, found {obj!r}")
+            raise PlanError(f"{where}: a step must be an object, found {reprlib.repr(obj)}")
         try:
             target = TensorSpec(str(obj["target"]), tuple(obj["shape"]), str(obj["dtype"]))
             sources = obj["sources"]
             ops = obj.get("ops", [])
-        except (KeyError, TypeError, ValueError) as e:
-            raise PlanError(f"{where}: step {obj!r} lacks target/shape/dtype/sources ({e})") from e
+        except (KeyError, TypeError, ValueError, DtypeError, SpecError) as e:
+            raise PlanError(
+                f"{where}: step {reprlib.repr(obj)} lacks or has a bad target/shape/dtype/sources "
+                f"({e})"
+            ) from e
         if (
             not isinstance(sources, list)
             or not sources
@@ -61,7 +65,10 @@ class Step:
         if not isinstance(ops, list):
             raise PlanError(f"{where}: step {target.name!r}: ops must be a list")
         where = f"{where}: step {target.name!r}"
-        return cls(target, tuple(sources), tuple(op_from_json(o, where=where) for o in ops))
+        try:
+            return cls(target, tuple(sources), tuple(op_from_json(o, where=where) for o in ops))
+        except DtypeError as e:  # a cast to a dtype weightbridge does not know
+            raise PlanError(f"{where}: {e}") from e
 
 
 @dataclass(frozen=True, slots=True)
@@ -257,10 +264,12 @@ class Plan:
     def load(cls, path: str | os.PathLike[str]) -> Plan:
         path = os.fspath(path)
         try:
-            with open(path, encoding="utf-8") as f:
-                obj = json.load(f)
+            with open(path, "rb") as f:
+                obj = parse_json(f.read().decode("utf-8"))
         except FileNotFoundError as e:
             raise PlanError(f"{path}: plan file not found") from e
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        except OSError as e:
+            raise PlanError(f"{path}: cannot read plan file ({e.strerror or e})") from e
+        except ValueError as e:
             raise PlanError(f"{path}: plan file is not valid JSON ({e})") from e
         return cls.from_json(obj, where=path)

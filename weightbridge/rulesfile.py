@@ -9,14 +9,39 @@ Today a rules file holds rename rules::
 
 from __future__ import annotations
 
-import json
 import os
+import re
+import reprlib
 from typing import Any
 
-from weightbridge.errors import PlanError, RuleError
+from weightbridge.errors import DtypeError, PlanError, RuleError
 from weightbridge.ops import op_from_json
 from weightbridge.planner import Rename
 from weightbridge.rules import Transform
+from weightbridge.spec import parse_json
+
+# YAML aliases let a few lines name one list thousands of times over (a "billion laughs"); a rules
+# file holds a few dozen rules, so one that expands past this many values is refused before
+# anything walks or prints it.
+MAX_VALUES = 100_000
+
+
+def _check_size(obj: Any, path: str) -> None:
+    """Refuse a parsed file that expands (through YAML aliases) past `MAX_VALUES` values."""
+    count, stack = 0, [obj]
+    while stack:
+        value = stack.pop()
+        count += 1
+        if count > MAX_VALUES:
+            raise RuleError(
+                f"{path}: rules file expands to more than {MAX_VALUES} values (YAML aliases "
+                "repeating or containing themselves?); write the rules out plainly"
+            )
+        if isinstance(value, dict):
+            stack.extend(value.keys())
+            stack.extend(value.values())
+        elif isinstance(value, (list, tuple, set)):
+            stack.extend(value)
 
 
 def load_rules_file(path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -26,6 +51,8 @@ def load_rules_file(path: str | os.PathLike[str]) -> dict[str, Any]:
             text = f.read()
     except OSError as e:
         raise RuleError(f"{path}: cannot read rules file ({e.strerror})") from e
+    except UnicodeDecodeError as e:
+        raise RuleError(f"{path}: rules file is not UTF-8 text ({e})") from e
     try:
         if path.endswith((".yaml", ".yml")):
             try:
@@ -36,11 +63,12 @@ def load_rules_file(path: str | os.PathLike[str]) -> dict[str, Any]:
                 ) from e
             obj = yaml.safe_load(text)
         else:
-            obj = json.loads(text)
+            obj = parse_json(text)
     except RuleError:
         raise
     except Exception as e:  # json/yaml parse errors of several types
         raise RuleError(f"{path}: rules file does not parse ({e})") from e
+    _check_size(obj, path)
     if not isinstance(obj, dict):
         raise RuleError(
             f'{path}: a rules file must be an object such as {{"rename": [["a", "b"]]}}'
@@ -58,7 +86,15 @@ def load_transforms(path: str | os.PathLike[str]) -> dict[str, Transform]:
     for i, rule in enumerate(raw, 1):
         label = f"{where}: rule #{i}"
         if not isinstance(rule, dict) or not isinstance(rule.get("target"), str):
-            raise RuleError(f"{label} must be an object with a 'target' regex, found {rule!r}")
+            raise RuleError(
+                f"{label} must be an object with a 'target' regex, found {reprlib.repr(rule)}"
+            )
+        try:
+            re.compile(rule["target"])
+        except re.error as e:
+            raise RuleError(
+                f"{label}: target {rule['target']!r} is not a valid regular expression ({e})"
+            ) from e
         unknown = set(rule) - {"target", "source", "ops", "split", "fallback"}
         if unknown:
             raise RuleError(
@@ -75,9 +111,15 @@ def load_transforms(path: str | os.PathLike[str]) -> dict[str, Transform]:
             )
         split = rule.get("split")
         if split is not None and not (
-            isinstance(split, list) and len(split) == 3 and all(isinstance(x, int) for x in split)
+            isinstance(split, list)
+            and len(split) == 3
+            and all(isinstance(x, int) and not isinstance(x, bool) for x in split)
+            and 0 <= split[1] < split[2]
         ):
-            raise RuleError(f"{label} ({rule['target']!r}): 'split' must be [axis, index, parts]")
+            raise RuleError(
+                f"{label} ({rule['target']!r}): 'split' must be [axis, index, parts] with "
+                f"0 <= index < parts, found {reprlib.repr(split)}"
+            )
         ops_raw = rule.get("ops", [])
         if not isinstance(ops_raw, list):
             raise RuleError(f"{label} ({rule['target']!r}): 'ops' must be a list")
@@ -85,6 +127,8 @@ def load_transforms(path: str | os.PathLike[str]) -> dict[str, Transform]:
             ops = tuple(op_from_json(o, where=f"{label} ({rule['target']!r})") for o in ops_raw)
         except PlanError as e:
             raise RuleError(str(e)) from e
+        except DtypeError as e:  # a cast to a dtype weightbridge does not know
+            raise RuleError(f"{label} ({rule['target']!r}): {e}") from e
         out[rule["target"]] = Transform(
             original_key=source,
             use_fallback=bool(rule.get("fallback", False)),
@@ -98,6 +142,11 @@ def load_renames(path: str | os.PathLike[str]) -> list[Rename]:
     """Rename rules from a rules file, in order."""
     obj = load_rules_file(path)
     raw = obj.get("rename", [])
+    if not isinstance(raw, (list, dict)):
+        raise RuleError(
+            f"{os.fspath(path)}: 'rename' must be a list of [pattern, replacement] pairs or an "
+            f"object {{pattern: replacement}}, found {reprlib.repr(raw)}"
+        )
     pairs = list(raw.items()) if isinstance(raw, dict) else raw
     rules = []
     for i, pair in enumerate(pairs):
@@ -107,7 +156,8 @@ def load_renames(path: str | os.PathLike[str]) -> list[Rename]:
             and all(isinstance(x, str) for x in pair)
         ):
             raise RuleError(
-                f"{os.fspath(path)}: rename rule #{i + 1} must be [pattern, replacement], found {pair!r}"
+                f"{os.fspath(path)}: rename rule #{i + 1} must be [pattern, replacement], "
+                f"found {reprlib.repr(pair)}"
             )
         try:
             rules.append(Rename(pair[0], pair[1]))

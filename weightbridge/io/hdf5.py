@@ -43,7 +43,7 @@ from weightbridge import dtypes
 from weightbridge.errors import DtypeError, FormatError
 from weightbridge.io._tiles import TileCursor
 from weightbridge.io.base import BaseReader, ByteRange, MappedFile
-from weightbridge.spec import CheckpointSpec, TensorSpec
+from weightbridge.spec import MAX_NBYTES, CheckpointSpec, TensorSpec
 
 NAME = "hdf5"
 SUFFIXES = (".h5", ".hdf5", ".keras", ".weights.h5")
@@ -64,6 +64,10 @@ STORED_AS: dict[str, np.dtype[Any]] = {
     "F8_E4M3": np.dtype(np.uint8),
     "F8_E5M2": np.dtype(np.uint8),
 }
+# What h5py raises on a corrupt file's structure, depending on where the damage is: OSError from
+# the HDF5 library mostly, but also RuntimeError (a failed visit), KeyError (an object that does
+# not open), ValueError and TypeError (attributes and types it cannot decode).
+_H5PY_ERRORS = (OSError, RuntimeError, KeyError, ValueError, TypeError)
 # Numeric kinds that can be tensors: bool, signed, unsigned, float, complex, and opaque (V)
 # bytes, which may be bfloat16/fp8 with an attribute saying so.
 TENSOR_KINDS = frozenset("biufcV")
@@ -81,7 +85,7 @@ def detect(path: str, head: bytes) -> bool:
         try:
             with zipfile.ZipFile(path) as zf:
                 return KERAS_WEIGHTS_MEMBER in zf.namelist()
-        except (OSError, zipfile.BadZipFile, ValueError, EOFError):
+        except (OSError, zipfile.BadZipFile, ValueError, EOFError, NotImplementedError):
             return False
     return False
 
@@ -128,9 +132,10 @@ class _Window(io.RawIOBase):
 
 def _member_data_start(raw: IO[bytes], info: zipfile.ZipInfo, path: str) -> int:
     """File offset of a zip member's first byte (its local header's extra field is read)."""
-    raw.seek(info.header_offset)
+    # zipfile shifts offsets by bytes found before the archive; a corrupt one comes out negative.
+    raw.seek(max(info.header_offset, 0))
     local = raw.read(LOCAL_HEADER_SIZE)
-    if len(local) < LOCAL_HEADER_SIZE or not local.startswith(ZIP_MAGIC):
+    if info.header_offset < 0 or len(local) < LOCAL_HEADER_SIZE or not local.startswith(ZIP_MAGIC):
         raise FormatError(
             f"{path}: member {info.filename!r}: no local zip header at byte {info.header_offset} "
             "where the archive directory puts it; the archive is corrupt: copy it again"
@@ -161,7 +166,12 @@ def _names(value: Any) -> list[str]:
     """A Keras name-list attribute (bytes or str, array or list) as strings."""
     if value is None:
         return []
-    items = value.tolist() if isinstance(value, np.ndarray) else list(value)
+    if isinstance(value, np.ndarray):
+        items = value.reshape(-1).tolist()
+    elif isinstance(value, (bytes, str, np.generic)):  # one name where a list was expected
+        items = [value.item() if isinstance(value, np.generic) else value]
+    else:
+        return []
     return [v.decode("utf-8", errors="replace") if isinstance(v, bytes) else str(v) for v in items]
 
 
@@ -202,7 +212,14 @@ class HDF5Reader(BaseReader):
                 self._h5, size, mappable = self._open_keras_archive()
             else:
                 self._h5 = h5py.File(self.path, "r")
-        except (OSError, zipfile.BadZipFile) as e:
+        except (
+            OSError,
+            zipfile.BadZipFile,
+            EOFError,
+            ValueError,
+            RuntimeError,  # zipfile: an encrypted member
+            NotImplementedError,  # zipfile: a compression method it does not have
+        ) as e:
             self.close()
             raise FormatError(
                 f"{self.path}: HDF5 cannot open it ({e}); the file is truncated ({size} bytes), "
@@ -215,6 +232,12 @@ class HDF5Reader(BaseReader):
             # A user block shifts every address; mapping then needs care we do not take.
             mappable = mappable and self._h5.userblock_size == 0
             self._spec = self._walk(size, mappable)
+        except _H5PY_ERRORS as e:
+            self.close()
+            raise FormatError(
+                f"{self.path}: HDF5 cannot read its structure ({type(e).__name__}: {e}); the file "
+                "is corrupt: copy it again"
+            ) from e
         except BaseException:
             self.close()
             raise
@@ -229,9 +252,19 @@ class HDF5Reader(BaseReader):
                     f"{self.path}: a zip, but not a Keras archive: it has no "
                     f"{KERAS_WEIGHTS_MEMBER!r} member (members: {zf.namelist()[:5]})"
                 ) from e
+            if info.flag_bits & 0x1:
+                raise FormatError(
+                    f"{self.path}: member {KERAS_WEIGHTS_MEMBER!r} is encrypted; decrypt it first"
+                )
             if info.compress_type == zipfile.ZIP_STORED:
                 with open(self.path, "rb") as raw:
                     self._base = _member_data_start(raw, info, self.path)
+                    end = raw.seek(0, io.SEEK_END)
+                if self._base + info.file_size > end:
+                    raise FormatError(
+                        f"{self.path}: file is truncated: member {KERAS_WEIGHTS_MEMBER!r} runs "
+                        f"through byte {self._base + info.file_size}, file is {end} bytes"
+                    )
                 self._window = _Window(self.path, self._base, info.file_size)
                 return h5py.File(self._window, "r"), info.file_size, True
         # Compressed: h5py reads through zipfile (seeks decompress again); no mapping.
@@ -272,6 +305,13 @@ class HDF5Reader(BaseReader):
         if dt.kind not in TENSOR_KINDS or dt.fields is not None or dt.subdtype is not None:
             self.skipped[name] = f"not numeric (dtype {dt})"
             return None
+        if ds.is_virtual or ds.external:
+            # Its bytes live in other files, named by (possibly absolute) paths in this one.
+            raise FormatError(
+                f"{where}: the dataset's data lives in other files "
+                f"({'a virtual dataset' if ds.is_virtual else 'external storage'}); refusing to "
+                "read files a checkpoint names. Copy the data into the file (h5repack) first"
+            )
         recorded = ds.attrs.get(DTYPE_ATTR)
         if recorded is not None:
             text = _text(recorded)
@@ -297,7 +337,13 @@ class HDF5Reader(BaseReader):
                 code = dtypes.from_numpy(dt)
             except DtypeError as e:
                 raise FormatError(f"{where}: {e}; cast the dataset before saving") from e
-        return TensorSpec(name, ds.shape, code)
+        spec = TensorSpec(name, ds.shape, code)
+        if spec.nbytes > MAX_NBYTES:  # chunks never written take no space, so a file can say so
+            raise FormatError(
+                f"{where}: shape {spec.shape} of {code} is {spec.nbytes} bytes, more than numpy "
+                "can index; the file is corrupt or hostile"
+            )
+        return spec
 
     def _offset(self, ds: Any, spec: TensorSpec, size: int, mappable: bool) -> int | None:
         """File offset of a dataset's elements when they can be mapped as they are, else None."""
@@ -343,18 +389,37 @@ class HDF5Reader(BaseReader):
         """Keras 2 lists layers in ``layer_names`` and each layer's weights in ``weight_names``."""
         out: list[str] = []
         for prefix in ("", "model_weights/"):
-            group = self._h5.get(prefix.rstrip("/")) if prefix else self._h5
-            if not isinstance(group, h5py.Group):
+            group = self._child(self._h5, prefix.rstrip("/")) if prefix else self._h5
+            if group is None:
                 continue
             for layer in _names(group.attrs.get("layer_names")):
-                if isinstance(group.get(layer), h5py.Group):
-                    weights = _names(group[layer].attrs.get("weight_names"))
+                layer_group = self._child(group, layer)
+                if layer_group is not None:
+                    weights = _names(layer_group.attrs.get("weight_names"))
                     out += [f"{prefix}{layer}/{w}" for w in weights]
-        optimizer = self._h5.get("optimizer_weights")
-        if isinstance(optimizer, h5py.Group):
+        optimizer = self._child(self._h5, "optimizer_weights")
+        if optimizer is not None:
             weights = _names(optimizer.attrs.get("weight_names"))
             out += [f"optimizer_weights/{w}" for w in weights]
         return out
+
+    @staticmethod
+    def _child(group: Any, name: str) -> Any:
+        """`group[name]` if it is a group inside this file, else None.
+
+        Only hard links are followed: names come from attributes, and an external link would
+        make HDF5 open whatever file it names (a FIFO would block forever).
+        """
+        try:
+            for part in name.split("/"):  # each step: HDF5 would follow a link on the way too
+                if not isinstance(group.get(part, getlink=True), h5py.HardLink):
+                    return None
+                group = group[part]
+                if not isinstance(group, h5py.Group):
+                    return None
+        except _H5PY_ERRORS:  # a name HDF5 cannot look up
+            return None
+        return group
 
     def specs(self) -> CheckpointSpec:
         return self._spec
@@ -372,15 +437,26 @@ class HDF5Reader(BaseReader):
             arr = self._file.array(self._base + entry.offset, spec)
         else:
             try:
-                arr = np.asarray(self._h5[entry.path][()])
-            except OSError as e:
+                ds = self._h5[entry.path]
+                # Never written: every element is the fill value. A view of that one value, not
+                # an allocation of the size the file claims.
+                unwritten = spec.nbytes > 0 and ds.id.get_storage_size() == 0
+                arr = np.asarray(ds.fillvalue, dtype=ds.dtype) if unwritten else np.asarray(ds[()])
+            except _H5PY_ERRORS as e:
                 raise FormatError(
                     f"{self.path}: tensor {name!r}: HDF5 cannot read it ({e}); the file is "
                     "corrupt: copy it again"
                 ) from e
+            except MemoryError as e:
+                raise FormatError(
+                    f"{self.path}: tensor {name!r}: its {spec.nbytes} bytes do not fit in memory "
+                    "(a chunked or compressed dataset is read whole)"
+                ) from e
             if not _is_little(arr.dtype):
                 arr = arr.astype(arr.dtype.newbyteorder("<"))
             arr = arr.view(want) if arr.dtype != want else arr
+            if unwritten:
+                arr = np.broadcast_to(arr, spec.shape)
         if arr.flags.writeable:
             arr.flags.writeable = False
         return arr

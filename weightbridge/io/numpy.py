@@ -37,10 +37,10 @@ import numpy as np
 from numpy.lib import format as npy_format
 
 from weightbridge import dtypes
-from weightbridge.errors import DtypeError, FormatError
+from weightbridge.errors import DtypeError, FormatError, SpecError
 from weightbridge.io._tiles import TileCursor
 from weightbridge.io.base import BaseReader, ByteRange, MappedFile
-from weightbridge.spec import CheckpointSpec, TensorSpec
+from weightbridge.spec import CheckpointSpec, TensorSpec, parse_json
 
 NAME = "numpy"
 SUFFIXES = (".npz", ".npy")
@@ -71,6 +71,14 @@ READ_CHUNK = 16 << 20
 ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)
 # Bit 0 of a member's general-purpose flags: encrypted.
 ENCRYPTED_FLAG = 0x1
+# numpy refuses npy headers over 10 000 bytes, but only after reading them: a version 2.0
+# header's 4-byte length could make it allocate 4 GB. Anything over this is refused unread.
+MAX_HEADER_BYTES = 1 << 16
+# DEFLATE cannot expand data more than 1032-fold (a 258-byte match coded in about two bits), so a
+# deflated member claiming more than that of its compressed size lies about its size: refused
+# before anything is allocated for it. numpy only ever deflates; other methods (bzip2, LZMA)
+# have no such bound and are refused by name.
+MAX_DEFLATE_RATIO = 1032
 
 
 def detect(path: str, head: bytes) -> bool:
@@ -110,7 +118,7 @@ def _has_npy_member(path: str) -> bool:
     try:
         with zipfile.ZipFile(path) as zf:
             return any(n.endswith(".npy") for n in zf.namelist())
-    except (OSError, zipfile.BadZipFile, ValueError, EOFError):
+    except (OSError, zipfile.BadZipFile, ValueError, EOFError, NotImplementedError):
         return False
 
 
@@ -138,6 +146,16 @@ def read_npy_header(fp: IO[bytes], where: str) -> tuple[tuple[int, ...], bool, n
         FormatError: naming `where`, when the bytes are not a valid npy header.
     """
     try:
+        start = fp.tell()
+        lead = fp.read(len(NPY_MAGIC) + 2 + 4)  # magic, version, a 2.0 header's length
+        if lead[:6] == NPY_MAGIC and lead[6:7] in (b"\x02", b"\x03") and len(lead) == 12:
+            (header_len,) = struct.unpack("<I", lead[8:])
+            if header_len > MAX_HEADER_BYTES:
+                raise FormatError(
+                    f"{where}: npy header claims {header_len} bytes (numpy writes at most a few "
+                    "hundred); the file is corrupt: re-save it with np.save"
+                )
+        fp.seek(start)
         version = npy_format.read_magic(fp)
         if version == (1, 0):
             shape, fortran, dt = npy_format.read_array_header_1_0(fp)
@@ -204,7 +222,11 @@ def _code_of(dt: np.dtype[Any], recorded: str | None, where: str) -> str:
         raise FormatError(
             f"{where}: {e}; convert the array before saving (arr.astype(np.float32))"
         ) from e
-    if recorded is not None and dtypes.canonical(recorded) != code:
+    try:
+        matches = recorded is None or dtypes.canonical(recorded) == code
+    except DtypeError as e:
+        raise FormatError(f"{where}: archive comment records dtype {recorded!r}: {e}") from e
+    if not matches:
         raise FormatError(
             f"{where}: archive comment records dtype {recorded!r}, but the array is {code}; the "
             "comment does not belong to this archive: delete it (zip -z) or re-save the file"
@@ -212,11 +234,18 @@ def _code_of(dt: np.dtype[Any], recorded: str | None, where: str) -> str:
     return code
 
 
+def _spec(name: str, shape: tuple[int, ...], code: str, path: str) -> TensorSpec:
+    try:
+        return TensorSpec(name, shape, code)
+    except SpecError as e:  # a negative dimension, or more than numpy has
+        raise FormatError(f"{path}: {e}") from e
+
+
 def _parse_comment(path: str, comment: bytes) -> tuple[dict[str, str], dict[str, str]]:
     """(recorded dtypes, metadata) from an archive comment; other comments are not ours."""
     try:
-        record = json.loads(comment.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
+        record = parse_json(comment.decode("utf-8"))
+    except ValueError:
         return {}, {}
     if not isinstance(record, dict) or not ({DTYPES_KEY, METADATA_KEY} & set(record)):
         return {}, {}
@@ -235,9 +264,10 @@ def member_data_start(raw: IO[bytes], info: zipfile.ZipInfo, path: str) -> int:
 
     The local header's extra field may differ from the central directory's, so it is read.
     """
-    raw.seek(info.header_offset)
+    # zipfile shifts offsets by bytes found before the archive; a corrupt one comes out negative.
+    raw.seek(max(info.header_offset, 0))
     local = raw.read(LOCAL_HEADER_SIZE)
-    if len(local) < LOCAL_HEADER_SIZE or not local.startswith(ZIP_MAGIC):
+    if info.header_offset < 0 or len(local) < LOCAL_HEADER_SIZE or not local.startswith(ZIP_MAGIC):
         raise FormatError(
             f"{path}: member {info.filename!r}: no local zip header at byte {info.header_offset} "
             "where the archive directory puts it; the archive is corrupt: copy it again"
@@ -279,7 +309,7 @@ class NumpyReader(BaseReader):
         with open(self.path, "rb") as f:
             shape, fortran, dt = read_npy_header(f, where)
             offset = f.tell()
-        spec = TensorSpec(name, shape, _code_of(dt, None, where))
+        spec = _spec(name, shape, _code_of(dt, None, where), self.path)
         if offset + spec.nbytes > self._size:
             raise FormatError(
                 f"{where}: file is truncated: header declares data through byte "
@@ -291,7 +321,7 @@ class NumpyReader(BaseReader):
     def _open_npz(self) -> tuple[list[TensorSpec], dict[str, str]]:
         try:
             zf = zipfile.ZipFile(self.path)
-        except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError, ValueError) as e:
+        except (zipfile.BadZipFile, OSError, EOFError, ValueError, NotImplementedError) as e:
             raise FormatError(
                 f"{self.path}: not a readable zip archive ({e}): the file is truncated (an .npz "
                 f"keeps its directory at the end, which a cut-off copy of {self._size} bytes "
@@ -301,6 +331,13 @@ class NumpyReader(BaseReader):
         with zf, open(self.path, "rb") as raw:
             recorded, meta = _parse_comment(self.path, zf.comment)
             for info in zf.infolist():
+                parts = info.filename.replace("\\", "/").split("/")
+                if parts[0] == "" or ".." in parts:
+                    # Not a path we open, but a name that escapes when the archive is unpacked.
+                    raise FormatError(
+                        f"{self.path}: member {info.filename!r} is an absolute path or climbs "
+                        "out with '..'; refusing the archive: re-save it with np.savez"
+                    )
                 if info.is_dir() or not info.filename.endswith(".npy"):
                     self.skipped[info.filename] = "not an .npy member"
                     continue
@@ -332,26 +369,53 @@ class NumpyReader(BaseReader):
         if info.flag_bits & ENCRYPTED_FLAG:
             raise FormatError(f"{where}: member {info.filename!r} is encrypted; decrypt it first")
         stored = info.compress_type == zipfile.ZIP_STORED
+        if not stored and info.compress_type != zipfile.ZIP_DEFLATED:
+            raise FormatError(
+                f"{where}: member {info.filename!r} is compressed with zip method "
+                f"{info.compress_type}; weightbridge reads stored and deflated members (what "
+                "np.savez and np.savez_compressed write): re-save the file with numpy"
+            )
+        start = member_data_start(raw, info, self.path)
+        on_disk = info.file_size if stored else info.compress_size
+        if start + on_disk > self._size:
+            raise FormatError(
+                f"{where}: file is truncated: member {info.filename!r} runs through byte "
+                f"{start + on_disk}, file is {self._size} bytes; copy the file again"
+            )
+        if not stored and info.file_size > MAX_DEFLATE_RATIO * info.compress_size + 1024:
+            raise FormatError(
+                f"{where}: member {info.filename!r} claims {info.file_size} bytes from "
+                f"{info.compress_size} deflated bytes, more than DEFLATE can expand to; "
+                "refusing (this is how zip bombs look): the archive is corrupt or hostile"
+            )
         if stored:
-            start = member_data_start(raw, info, self.path)
             raw.seek(start)
             shape, fortran, dt = read_npy_header(raw, where)
             header_len = raw.tell() - start
         else:
-            with zf.open(info) as member:
-                shape, fortran, dt = read_npy_header(member, where)
-                header_len = member.tell()
-        spec = TensorSpec(name, shape, _code_of(dt, recorded, where))
+            try:
+                with zf.open(info) as member:
+                    shape, fortran, dt = read_npy_header(member, where)
+                    header_len = member.tell()
+            except (
+                zipfile.BadZipFile,
+                zlib.error,
+                EOFError,
+                OSError,
+                RuntimeError,
+                NotImplementedError,
+                ValueError,  # a local header whose name does not decode
+            ) as e:
+                raise FormatError(
+                    f"{where}: member {info.filename!r} does not decompress ({e}); the archive "
+                    "is corrupt: copy it again"
+                ) from e
+        spec = _spec(name, shape, _code_of(dt, recorded, where), self.path)
         if info.file_size != header_len + spec.nbytes:
             raise FormatError(
                 f"{where}: member {info.filename!r} declares {info.file_size} bytes, but its npy "
                 f"header ({header_len} bytes) says {shape} of {spec.dtype}, which needs "
                 f"{header_len + spec.nbytes}; the archive is corrupt: re-save it"
-            )
-        if stored and start + info.file_size > self._size:
-            raise FormatError(
-                f"{where}: file is truncated: member {info.filename!r} runs through byte "
-                f"{start + info.file_size}, file is {self._size} bytes; copy the file again"
             )
         offset = start + header_len if stored else header_len
         self._entries[name] = _Entry(info.filename, offset, stored, fortran, not _is_little(dt))
@@ -398,7 +462,15 @@ class NumpyReader(BaseReader):
                         break
                     buf[got : got + len(chunk)] = np.frombuffer(chunk, dtype=np.uint8)
                     got += len(chunk)
-        except (zipfile.BadZipFile, zlib.error, EOFError, OSError) as e:
+        except (
+            zipfile.BadZipFile,
+            zlib.error,
+            EOFError,
+            OSError,
+            ValueError,
+            RuntimeError,
+            NotImplementedError,
+        ) as e:
             raise FormatError(
                 f"{where}: member {entry.member!r} does not decompress ({e}); the archive is "
                 "corrupt: copy it again"

@@ -35,6 +35,7 @@ import math
 import os
 import pickle
 import pickletools
+import reprlib
 import struct
 import zipfile
 from collections import OrderedDict
@@ -47,7 +48,7 @@ import numpy as np
 from weightbridge import dtypes
 from weightbridge.errors import DtypeError, FormatError, SpecError
 from weightbridge.io.base import BaseReader, ByteRange, MappedFile, check_safe_relative
-from weightbridge.spec import CheckpointSpec, TensorSpec
+from weightbridge.spec import MAX_NBYTES, CheckpointSpec, TensorSpec
 
 NAME = "torch"
 SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
@@ -72,6 +73,19 @@ _PAD_EXTRA_ID = 0x4246
 _MAX_PICKLE_BYTES = 256 << 20
 # Containers nested deeper than this are not a state dict; stop before Python's recursion limit.
 _MAX_DEPTH = 200
+# A pickle can refer to one container many times (memo references). A checkpoint all but never
+# names a container of tensors twice; a hostile one nests references so that each level doubles
+# the walk (a "billion laughs"). Tensor-holding containers and tensors reached again through
+# such references are walked again (giving a tensor two names) at most this many times in all.
+_MAX_REVISITS = 100_000
+# Tensor names in real checkpoints run to a few hundred characters; a longer one is a key built
+# to make every name under it expensive to form.
+_MAX_NAME_CHARS = 4096
+# DEFLATE cannot expand data more than 1032-fold (a 258-byte match coded in about two bits): a
+# deflated entry claiming more than that of its compressed size lies, and is refused before
+# anything is allocated for it. Other zip methods (bzip2, LZMA) have no such bound; torch never
+# compresses, so they are refused by name.
+_MAX_DEFLATE_RATIO = 1032
 # Non-tensor leaves (epoch counters, learning rates, names) kept as metadata strings: enough to
 # show what a training checkpoint carries without copying an optimizer's worth of numbers.
 _MAX_METADATA_ENTRIES = 64
@@ -175,7 +189,7 @@ def _zip_is_torch(path: str, head: bytes) -> bool:
     try:
         with zipfile.ZipFile(path) as zf:
             return any(n == "data.pkl" or n.endswith("/data.pkl") for n in zf.namelist())
-    except (OSError, zipfile.BadZipFile):
+    except (OSError, zipfile.BadZipFile, ValueError, EOFError, NotImplementedError):
         return False
 
 
@@ -186,12 +200,25 @@ _PUT_OPS = frozenset({"PUT", "BINPUT", "LONG_BINPUT"})
 # What unpickling produces: metadata only.
 
 
+def _refuse_state(self: Any, state: Any) -> None:
+    """`__setstate__` of every object the unpickler hands a pickle.
+
+    The BUILD opcode sets the state of whatever object is on the stack. Frozen slotted
+    dataclasses get a `__setstate__` that ignores `frozen`, so BUILD on one of the shared objects
+    in `_ALLOWED` (``torch.FloatStorage``) would change how every later file in this process is
+    read; on a storage or tensor reference, it would change it after it was checked.
+    """
+    raise _BadPickle(f"the pickle sets the state of {_brief(self)}; no checkpoint does that")
+
+
 @dataclass(frozen=True, slots=True)
 class _StorageType:
     """Stands for a `torch.*Storage` class named in a pickle; `code` is its element dtype."""
 
     name: str
     code: str | None
+
+    __setstate__ = _refuse_state
 
 
 @dataclass(frozen=True, slots=True)
@@ -200,6 +227,8 @@ class _DType:
 
     name: str
     code: str | None
+
+    __setstate__ = _refuse_state
 
 
 @dataclass(frozen=True, slots=True)
@@ -214,6 +243,8 @@ class _StorageRef:
     code: str | None
     numel: int
     byte_offset: int = 0
+
+    __setstate__ = _refuse_state
 
     @property
     def nbytes(self) -> int:
@@ -231,8 +262,21 @@ class _TensorRef:
     code: str | None
     dtype_name: str
 
+    __setstate__ = _refuse_state
 
-class _Inert:
+
+class _ReadOnlyClass(type):
+    """Metaclass of `_Inert`: the class is shared by every file, so a pickle may not set its
+    attributes (BUILD with a slot state calls `setattr` on the class itself)."""
+
+    def __setattr__(cls, name: str, value: Any) -> None:
+        raise AttributeError(f"{cls.__name__} is read-only")
+
+    def __delattr__(cls, name: str) -> None:
+        raise AttributeError(f"{cls.__name__} is read-only")
+
+
+class _Inert(metaclass=_ReadOnlyClass):
     """A harmless non-tensor object (an `argparse.Namespace`, a numpy scalar) we skip.
 
     It accepts the construction, state and items pickle gives it and keeps none of them.
@@ -254,22 +298,56 @@ class _Inert:
         pass
 
 
+@dataclass(frozen=True, slots=True)
 class _TensorType:
     """Stands for `torch.Tensor` / `torch.nn.Parameter` as the `new_type` of a rebuild."""
 
-    def __init__(self, name: str) -> None:
-        self.name = name
+    name: str
+
+    __setstate__ = _refuse_state
+
+
+class _Global:
+    """An allowed function as a pickle sees it: callable, and without attributes to set.
+
+    BUILD on a plain function would set attributes such as ``__defaults__`` on our module's own
+    functions, changing how every later file in this process is read.
+    """
+
+    __slots__ = ("fn",)
+    fn: Callable[..., Any]
+
+    def __init__(self, fn: Callable[..., Any]) -> None:
+        object.__setattr__(self, "fn", fn)
+
+    def __call__(self, *args: Any) -> Any:
+        return self.fn(*args)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError(f"{self.fn.__name__} is read-only")
+
+    def __repr__(self) -> str:
+        return f"<{self.fn.__name__}>"
+
+
+def _brief(obj: Any) -> str:
+    """A short repr for messages: a hostile pickle's objects can be deep, huge or unprintable."""
+    try:
+        return reprlib.repr(obj)
+    except (ValueError, RecursionError):  # an int too long to print, a self-nesting object
+        return f"<{type(obj).__name__}>"
 
 
 def _int(value: Any, what: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise _BadPickle(f"{what} must be a non-negative integer, found {value!r}")
+    # torch keeps sizes, strides and offsets in int64; larger values come from no torch.save.
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_NBYTES:
+        raise _BadPickle(f"{what} must be a non-negative 64-bit integer, found {_brief(value)}")
     return value
 
 
 def _ints(value: Any, what: str) -> tuple[int, ...]:
     if not isinstance(value, (tuple, list)):
-        raise _BadPickle(f"{what} must be a tuple of integers, found {value!r}")
+        raise _BadPickle(f"{what} must be a tuple of integers, found {_brief(value)}")
     return tuple(_int(v, what) for v in value)
 
 
@@ -279,7 +357,9 @@ class _BadPickle(Exception):
 
 def _tensor(storage: Any, offset: Any, size: Any, stride: Any, dtype: _DType | None) -> _TensorRef:
     if not isinstance(storage, _StorageRef):
-        raise _BadPickle(f"a tensor's storage must be a persistent storage id, found {storage!r}")
+        raise _BadPickle(
+            f"a tensor's storage must be a persistent storage id, found {_brief(storage)}"
+        )
     shape, strides = _ints(size, "a tensor's shape"), _ints(stride, "a tensor's strides")
     if len(shape) != len(strides):
         raise _BadPickle(f"tensor shape {shape} and strides {strides} differ in length")
@@ -288,7 +368,7 @@ def _tensor(storage: Any, offset: Any, size: Any, stride: Any, dtype: _DType | N
     elif isinstance(dtype, _DType):
         code, name = dtype.code, f"torch.{dtype.name}"
     else:
-        raise _BadPickle(f"a tensor's dtype must be a torch dtype, found {dtype!r}")
+        raise _BadPickle(f"a tensor's dtype must be a torch dtype, found {_brief(dtype)}")
     return _TensorRef(
         storage, _int(offset, "a tensor's storage offset"), shape, strides, code, name
     )
@@ -315,7 +395,7 @@ def _rebuild_tensor_v3(
 def _rebuild_parameter(data: Any, *_: Any) -> _TensorRef:
     # A Parameter is its tensor plus requires_grad/hooks/state, none of which a checkpoint needs.
     if not isinstance(data, _TensorRef):
-        raise _BadPickle(f"a Parameter must wrap a tensor, found {data!r}")
+        raise _BadPickle(f"a Parameter must wrap a tensor, found {_brief(data)}")
     return data
 
 
@@ -329,13 +409,14 @@ _REBUILDERS: tuple[Callable[..., _TensorRef], ...] = (
 def _rebuild_from_type_v2(func: Any, new_type: Any, args: Any, state: Any) -> _TensorRef:
     # torch wraps a tensor that carries Python attributes in this call; only plain tensors and
     # Parameters are data, other subclasses would need their code.
-    if func not in _REBUILDERS or not isinstance(new_type, _TensorType):
+    fn = func.fn if isinstance(func, _Global) else None
+    if fn not in _REBUILDERS or not isinstance(new_type, _TensorType):
         raise _BadPickle(
-            f"tensor subclass rebuild with {func!r} and type {new_type!r} is not supported; "
-            "only torch.Tensor and torch.nn.Parameter are"
+            f"tensor subclass rebuild with {_brief(func)} and type {_brief(new_type)} is not "
+            "supported; only torch.Tensor and torch.nn.Parameter are"
         )
     if not isinstance(args, tuple):
-        raise _BadPickle(f"tensor rebuild arguments must be a tuple, found {args!r}")
+        raise _BadPickle(f"tensor rebuild arguments must be a tuple, found {_brief(args)}")
     out: _TensorRef = func(*args)
     return out
 
@@ -348,22 +429,24 @@ def _encode(text: Any, encoding: str = "utf-8", errors: str = "strict") -> bytes
     # Protocol 2 pickles `bytes` as `_codecs.encode(str, "latin1")`; other codecs (zlib, bz2)
     # could expand data, and no checkpoint needs them.
     if not isinstance(text, str) or encoding.lower().replace("-", "") not in ("latin1", "utf8"):
-        raise _BadPickle(f"_codecs.encode is allowed only for latin1 text, found {encoding!r}")
+        raise _BadPickle(
+            f"_codecs.encode is allowed only for latin1 text, found {_brief(encoding)}"
+        )
     return text.encode(encoding, errors)
 
 
 def _allowed_globals() -> dict[tuple[str, str], Any]:
     allowed: dict[tuple[str, str], Any] = {
-        ("torch._utils", "_rebuild_tensor"): _rebuild_tensor,
-        ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor,
-        ("torch._utils", "_rebuild_tensor_v3"): _rebuild_tensor_v3,
-        ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
-        ("torch._utils", "_rebuild_parameter_with_state"): _rebuild_parameter,
-        ("torch._tensor", "_rebuild_from_type_v2"): _rebuild_from_type_v2,
+        ("torch._utils", "_rebuild_tensor"): _Global(_rebuild_tensor),
+        ("torch._utils", "_rebuild_tensor_v2"): _Global(_rebuild_tensor),
+        ("torch._utils", "_rebuild_tensor_v3"): _Global(_rebuild_tensor_v3),
+        ("torch._utils", "_rebuild_parameter"): _Global(_rebuild_parameter),
+        ("torch._utils", "_rebuild_parameter_with_state"): _Global(_rebuild_parameter),
+        ("torch._tensor", "_rebuild_from_type_v2"): _Global(_rebuild_from_type_v2),
         ("torch", "Tensor"): _TensorType("torch.Tensor"),
         ("torch._tensor", "Tensor"): _TensorType("torch.Tensor"),
         ("torch.nn.parameter", "Parameter"): _TensorType("torch.nn.Parameter"),
-        ("torch", "Size"): _torch_size,
+        ("torch", "Size"): _Global(_torch_size),
         ("torch", "UntypedStorage"): _StorageType("torch.UntypedStorage", "U8"),
         ("torch.storage", "UntypedStorage"): _StorageType("torch.UntypedStorage", "U8"),
         ("torch.storage", "_UntypedStorage"): _StorageType("torch.UntypedStorage", "U8"),
@@ -371,7 +454,7 @@ def _allowed_globals() -> dict[tuple[str, str], Any]:
         ("builtins", "set"): set,
         ("builtins", "frozenset"): frozenset,
         ("builtins", "complex"): complex,
-        ("_codecs", "encode"): _encode,
+        ("_codecs", "encode"): _Global(_encode),
         # Data carriers some training checkpoints hold beside the weights (fairseq's `args`,
         # numpy scalars for metrics). They become inert placeholders: nothing of theirs runs.
         ("argparse", "Namespace"): _Inert,
@@ -428,7 +511,7 @@ class _SafeUnpickler(pickle.Unpickler):
 
     def persistent_load(self, pid: Any) -> Any:
         if not isinstance(pid, tuple) or not pid:
-            raise _BadPickle(f"persistent id must be a tuple, found {pid!r}")
+            raise _BadPickle(f"persistent id must be a tuple, found {_brief(pid)}")
         typename = pid[0].decode("ascii") if isinstance(pid[0], bytes) else pid[0]
         if typename == "module":
             raise _BadPickle(
@@ -436,20 +519,20 @@ class _SafeUnpickler(pickle.Unpickler):
                 "save `model.state_dict()` instead"
             )
         if typename != "storage" or len(pid) != (6 if self._legacy else 5):
-            raise _BadPickle(f"unknown persistent id {pid!r}; expected ('storage', ...)")
+            raise _BadPickle(f"unknown persistent id {_brief(pid)}; expected ('storage', ...)")
         storage_type, key, _location, numel = pid[1:5]
         if not isinstance(storage_type, _StorageType):
-            raise _BadPickle(f"persistent id names storage type {storage_type!r}")
+            raise _BadPickle(f"persistent id names storage type {_brief(storage_type)}")
         if isinstance(key, bytes):
             key = key.decode("ascii")
         if not isinstance(key, str) or not key:
-            raise _BadPickle(f"storage key must be a non-empty string, found {key!r}")
+            raise _BadPickle(f"storage key must be a non-empty string, found {_brief(key)}")
         numel = _int(numel, f"storage {key!r} size")
         ref = _StorageRef(key, storage_type.name, storage_type.code, numel)
         view = pid[5] if self._legacy else None
         if view is not None:  # (view key, offset, size) of pre-1.0 storage views
             if not isinstance(view, tuple) or len(view) != 3:
-                raise _BadPickle(f"storage view metadata must be a 3-tuple, found {view!r}")
+                raise _BadPickle(f"storage view metadata must be a 3-tuple, found {_brief(view)}")
             _, offset, size = view
             itemsize = ref.nbytes // numel if numel else 1
             ref = _StorageRef(
@@ -469,21 +552,52 @@ class _SafeUnpickler(pickle.Unpickler):
         return ref
 
 
-def _check_memo(file: IO[bytes], source: str) -> None:
-    """Refuse memo indices no honest pickle reaches, before the C unpickler sees them.
+class _Bounded:
+    """A file as pickle readers see it: no read returns (or allocates) past `end`.
+
+    pickletools and the C unpickler read as many bytes as a length field claims, and a buffered
+    file allocates that many before reading; clamping each read to what the file holds keeps a
+    lying length (``BINBYTES8`` of 2**40) from allocating more than the file's size.
+    """
+
+    def __init__(self, file: IO[bytes], end: int) -> None:
+        self._file, self._end = file, end
+
+    def read(self, n: int | None = -1) -> bytes:
+        left = max(0, self._end - self._file.tell())
+        return self._file.read(left if n is None or n < 0 else min(n, left))
+
+    def readline(self, n: int | None = -1) -> bytes:
+        left = max(0, self._end - self._file.tell())
+        return self._file.readline(left if n is None or n < 0 else min(n, left))
+
+    def tell(self) -> int:
+        return self._file.tell()
+
+
+def _check_memo(file: _Bounded, source: str, end: int) -> None:
+    """Refuse claims no honest pickle makes, before the C unpickler sees them.
 
     The C unpickler grows its memo table to the largest index a PUT names, so a single
     ``LONG_BINPUT 2**31`` would make it allocate and clear gigabytes. Writers number memo slots
     from 0 upwards, one per PUT, so an index can never exceed the count of opcodes before it.
+    It also reads a whole FRAME (protocol 4) at once, allocating what its length claims, so a
+    frame must fit in the bytes that follow it. Every other length (strings, bytes) is read here
+    through `file`, which never reads past `end`, so a truncated one is refused here.
     """
     try:
-        for count, (op, arg, _) in enumerate(pickletools.genops(file)):
+        for count, (op, arg, pos) in enumerate(pickletools.genops(file)):  # type: ignore[arg-type]
             if op.name in _PUT_OPS and isinstance(arg, int) and arg > count:
                 raise FormatError(
                     f"{source}: pickle stores memo slot {arg} after only {count} opcodes; no "
                     "writer does that, so the file is corrupt or hostile"
                 )
-    except ValueError as e:  # genops' report of an unknown opcode or truncated argument
+            if op.name == "FRAME" and isinstance(arg, int) and arg > end - (pos or 0):
+                raise FormatError(
+                    f"{source}: pickle frame at byte {pos} claims {arg} bytes, but only "
+                    f"{end - (pos or 0)} follow; the file is truncated or corrupt"
+                )
+    except (ValueError, EOFError, struct.error) as e:  # an unknown opcode, a truncated argument
         raise FormatError(
             f"{source}: the pickle is corrupt or truncated ({e}); the file may be damaged or "
             "not a PyTorch checkpoint"
@@ -495,7 +609,9 @@ def _load_pickle(
 ) -> tuple[Any, dict[str, _StorageRef]]:
     """Unpickle one pickle from `file` safely; return it and the storages it names."""
     start = file.tell()
-    _check_memo(file, source)
+    end = file.seek(0, os.SEEK_END)
+    file.seek(start)
+    _check_memo(_Bounded(file, end), source, end)
     file.seek(start)
     unpickler = _SafeUnpickler(file, source=source, legacy=legacy)
     try:
@@ -517,18 +633,6 @@ def _load_pickle(
 # Flattening the unpickled object into named tensors.
 
 
-def _has_tensor(obj: Any, depth: int = 0) -> bool:
-    if isinstance(obj, _TensorRef):
-        return True
-    if depth > _MAX_DEPTH:
-        return False
-    if isinstance(obj, dict):
-        return any(_has_tensor(v, depth + 1) for v in dict.values(obj))
-    if isinstance(obj, (list, tuple)):
-        return any(_has_tensor(v, depth + 1) for v in obj)
-    return False
-
-
 def flatten(obj: Any, *, source: str = "<pickle>") -> tuple[dict[str, Any], dict[str, str]]:
     """Name every tensor in nested dicts/lists with dotted paths; return (tensors, metadata).
 
@@ -540,56 +644,116 @@ def flatten(obj: Any, *, source: str = "<pickle>") -> tuple[dict[str, Any], dict
     >>> list(names), meta
     (['fc.weight'], {'epoch': '3'})
     """
+    walk = _Flattener(source)
     if isinstance(obj, dict):
-        holders = [k for k, v in dict.items(obj) if _has_tensor(v)]
+        holders = [k for k, v in dict.items(obj) if walk.holds_tensor(v, 1)]
         if len(holders) == 1 and holders[0] in WRAPPER_KEYS and isinstance(obj[holders[0]], dict):
             rest = {k: v for k, v in dict.items(obj) if k != holders[0]}
-            tensors: dict[str, Any] = {}
-            meta: dict[str, str] = {}
-            _walk(obj[holders[0]], "", tensors, meta, source, 0)
-            _walk(rest, "", tensors, meta, source, 0)
-            return tensors, meta
-    tensors, meta = {}, {}
-    _walk(obj, "", tensors, meta, source, 0)
-    return tensors, meta
+            walk.walk(obj[holders[0]], (), 0, False)
+            walk.walk(rest, (), 0, False)
+            return walk.tensors, walk.meta
+    walk.walk(obj, (), 0, False)
+    return walk.tensors, walk.meta
 
 
-def _walk(
-    obj: Any, prefix: str, tensors: dict[str, Any], meta: dict[str, str], source: str, depth: int
-) -> None:
-    if isinstance(obj, _TensorRef):
-        # A bare tensor saved on its own (`torch.save(t)`) has no path to name it by.
-        _add(tensors, prefix or "tensor", obj, source)
-        return
-    if depth > _MAX_DEPTH:
-        raise FormatError(f"{source}: containers nest over {_MAX_DEPTH} deep at {prefix!r}")
-    items: Any
-    if isinstance(obj, dict):
-        # dict.items, not obj.items: a pickle can set instance attributes on an OrderedDict.
-        items = dict.items(obj)
-    elif isinstance(obj, (list, tuple)):
-        items = enumerate(obj)
-    else:
+class _Flattener:
+    """The state of one `flatten`: names found so far, and what it has already walked.
+
+    An unpickled object is a graph, not a tree: memo references let one container appear many
+    times (even inside itself). Each container is walked once; one reached again is skipped if
+    it holds no tensor, and otherwise walked again (its tensors get a second name) within
+    `_MAX_REVISITS`, so the work stays linear in the pickle's size.
+    """
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+        self.tensors: dict[str, _TensorRef] = {}
+        self.meta: dict[str, str] = {}
+        self._holds: dict[int, bool] = {}  # id(container) -> whether a tensor is inside
+        self._seen: set[int] = set()  # id(container) of those walked once
+        self._revisits = 0
+
+    def holds_tensor(self, obj: Any, depth: int) -> bool:
+        if isinstance(obj, _TensorRef):
+            return True
+        if not isinstance(obj, (dict, list, tuple)) or depth > _MAX_DEPTH:
+            return False
+        key = id(obj)  # the object is alive (inside the pickle's result) while we walk
+        if key not in self._holds:
+            self._holds[key] = False  # reached again from inside itself: a cycle adds nothing
+            values = dict.values(obj) if isinstance(obj, dict) else obj
+            self._holds[key] = any(self.holds_tensor(v, depth + 1) for v in values)
+        return self._holds[key]
+
+    def walk(self, obj: Any, path: tuple[Any, ...], depth: int, again: bool) -> None:
+        if isinstance(obj, _TensorRef):
+            self._count(again)
+            # A bare tensor saved on its own (`torch.save(t)`) has no path to name it by.
+            self._add(self._name(path) if path else "tensor", obj)
+            return
+        if depth > _MAX_DEPTH:
+            raise FormatError(
+                f"{self.source}: containers nest over {_MAX_DEPTH} deep at "
+                f"{_brief(self._name(path[:8]))}"
+            )
+        if isinstance(obj, (dict, list, tuple)):
+            if id(obj) in self._seen:
+                if not self.holds_tensor(obj, depth):
+                    return
+                again = True
+            self._seen.add(id(obj))
+            self._count(again)
+            # dict.items, not obj.items: a pickle can set instance attributes on an OrderedDict.
+            items = dict.items(obj) if isinstance(obj, dict) else enumerate(obj)
+            for key, value in items:
+                self.walk(value, (*path, key), depth + 1, again)
+            return
         if (
-            prefix
+            path
             and isinstance(obj, (bool, int, float, str))
-            and len(meta) < _MAX_METADATA_ENTRIES
+            and len(self.meta) < _MAX_METADATA_ENTRIES
         ):
-            text = str(obj)
+            try:
+                text = obj if isinstance(obj, str) else str(obj)
+                name = self._name(path)
+            except (ValueError, FormatError):  # an int too long to print, a name too long
+                return
             if len(text) <= _MAX_METADATA_CHARS:
-                meta[prefix] = text
-        return
-    for key, value in items:
-        _walk(value, f"{prefix}.{key}" if prefix else str(key), tensors, meta, source, depth + 1)
+                self.meta[name] = text
 
+    def _count(self, again: bool) -> None:
+        if again:
+            self._revisits += 1
+            if self._revisits > _MAX_REVISITS:
+                raise FormatError(
+                    f"{self.source}: the pickle reaches the same tensors through shared "
+                    f"containers over {_MAX_REVISITS} times (references nested on references); "
+                    "a checkpoint does not, so the file is corrupt or hostile"
+                )
 
-def _add(tensors: dict[str, Any], name: str, t: _TensorRef, source: str) -> None:
-    if name in tensors:
-        raise FormatError(
-            f"{source}: two tensors flatten to the name {name!r} (a key containing '.' collides "
-            "with a nested one); rename one in torch before converting"
-        )
-    tensors[name] = t
+    def _name(self, path: tuple[Any, ...]) -> str:
+        parts, total = [], 0
+        for key in path:
+            try:
+                part = key if isinstance(key, str) else str(key)
+            except ValueError as e:  # an int too long to print
+                raise FormatError(f"{self.source}: a container key cannot be printed ({e})") from e
+            total += len(part) + 1
+            if total > _MAX_NAME_CHARS:
+                raise FormatError(
+                    f"{self.source}: a tensor name runs over {_MAX_NAME_CHARS} characters "
+                    f"(starting {_brief(part)}); the file is corrupt or hostile"
+                )
+            parts.append(part)
+        return ".".join(parts)
+
+    def _add(self, name: str, t: _TensorRef) -> None:
+        if name in self.tensors:
+            raise FormatError(
+                f"{self.source}: two tensors flatten to the name {name!r} (a key containing '.' "
+                "collides with a nested one); rename one in torch before converting"
+            )
+        self.tensors[name] = t
 
 
 # --------------------------------------------------------------------------------------------
@@ -649,7 +813,7 @@ class TorchReader(BaseReader):
     def _open_zip(self) -> tuple[Any, dict[str, _Stored]]:
         try:
             zf = zipfile.ZipFile(self.path)
-        except (zipfile.BadZipFile, OSError) as e:
+        except (zipfile.BadZipFile, OSError, ValueError, EOFError, NotImplementedError) as e:
             size = os.stat(self.path).st_size
             raise FormatError(
                 f"{self.path}: not a readable zip archive ({e}); a torch.save file of {size} "
@@ -658,7 +822,13 @@ class TorchReader(BaseReader):
         with zf:
             infos = {}
             for info in zf.infolist():
-                infos[check_safe_relative(info.filename, index_path=self.path, what="entry")] = info
+                name = check_safe_relative(info.filename, index_path=self.path, what="entry")
+                if name in infos:
+                    raise FormatError(
+                        f"{self.path}: entry {name!r} appears twice in the archive; it is "
+                        "ambiguous which holds the data: the file is corrupt or hostile"
+                    )
+                infos[name] = info
             pickles = [
                 n
                 for n in infos
@@ -705,16 +875,41 @@ class TorchReader(BaseReader):
                     storages[key] = self._locate(f, size, found, ref)
         return obj, storages
 
+    def _check_compression(self, info: zipfile.ZipInfo) -> None:
+        """Refuse a compressed entry we cannot decompress within a bound its own bytes set."""
+        where = f"{self.path}: entry {info.filename!r}"
+        if info.compress_type == zipfile.ZIP_STORED:
+            return
+        if info.compress_type != zipfile.ZIP_DEFLATED:
+            raise FormatError(
+                f"{where} is compressed with zip method {info.compress_type}; weightbridge reads "
+                "stored and deflated entries. Re-save the checkpoint with torch.save, which does "
+                "not compress"
+            )
+        if info.file_size > _MAX_DEFLATE_RATIO * info.compress_size + 1024:
+            raise FormatError(
+                f"{where} claims {info.file_size} bytes from {info.compress_size} deflated bytes, "
+                "more than DEFLATE can expand to; refusing (this is how zip bombs look)"
+            )
+
     def _read_entry(self, zf: zipfile.ZipFile, info: zipfile.ZipInfo, limit: int) -> bytes:
         if info.file_size > limit:
             raise FormatError(
                 f"{self.path}: entry {info.filename!r} claims {info.file_size} bytes, more than "
                 f"the {limit} it may hold; the file is corrupt or hostile"
             )
+        self._check_compression(info)
         try:
             with zf.open(info) as f:
                 data = f.read(limit + 1)
-        except (zipfile.BadZipFile, OSError, EOFError, RuntimeError, NotImplementedError) as e:
+        except (
+            zipfile.BadZipFile,
+            OSError,
+            EOFError,
+            RuntimeError,  # an encrypted entry
+            NotImplementedError,  # a compression method zipfile does not have
+            ValueError,  # a local header whose name does not decode
+        ) as e:
             raise FormatError(f"{self.path}: cannot read entry {info.filename!r}: {e}") from e
         if len(data) > limit:
             raise FormatError(f"{self.path}: entry {info.filename!r} expands past {limit} bytes")
@@ -725,23 +920,30 @@ class TorchReader(BaseReader):
         if info.flag_bits & 0x1:
             raise FormatError(f"{where} is encrypted; weightbridge cannot read it")
         need = ref.byte_offset + ref.nbytes
-        if info.compress_type != zipfile.ZIP_STORED:
-            # torch never compresses, but a re-zipped checkpoint might. Decompressing is the
-            # fallback; an entry that claims more than its tensors need is refused so that a
-            # small file cannot make us allocate without bound.
-            if info.file_size != need:
-                raise FormatError(
-                    f"{where} is compressed and claims {info.file_size} bytes, but the pickle "
-                    f"declares {need} bytes for it; refusing (a mismatch here is how zip bombs "
-                    "look). Re-save the checkpoint with torch.save, which does not compress"
-                )
-            return _Stored(ref.key, -1, need, info)
         f.seek(info.header_offset)
         local = f.read(_LOCAL_HEADER_SIZE)
         if len(local) < _LOCAL_HEADER_SIZE or not local.startswith(_ZIP_MAGIC):
             raise FormatError(f"{where}: no local file header at byte {info.header_offset}")
         name_len, extra_len = struct.unpack("<HH", local[26:30])
         start = info.header_offset + _LOCAL_HEADER_SIZE + name_len + extra_len
+        if info.compress_type != zipfile.ZIP_STORED:
+            # torch never compresses, but a re-zipped checkpoint might. Decompressing is the
+            # fallback; an entry that claims more than its tensors need, or more than its
+            # compressed bytes can hold, is refused so that a small file cannot make us
+            # allocate without bound.
+            if info.file_size != need:
+                raise FormatError(
+                    f"{where} is compressed and claims {info.file_size} bytes, but the pickle "
+                    f"declares {need} bytes for it; refusing (a mismatch here is how zip bombs "
+                    "look). Re-save the checkpoint with torch.save, which does not compress"
+                )
+            self._check_compression(info)
+            if start + info.compress_size > size:
+                raise FormatError(
+                    f"{self.path}: file is truncated: entry {info.filename!r} declares data "
+                    f"through byte {start + info.compress_size}, file is {size} bytes"
+                )
+            return _Stored(ref.key, -1, need, info)
         if info.file_size < need:
             raise FormatError(
                 f"{where} holds {info.file_size} bytes, but the pickle declares {need} bytes "
@@ -761,19 +963,19 @@ class TorchReader(BaseReader):
             if magic != _LEGACY_MAGIC_NUMBER:
                 raise FormatError(
                     f"{self.path}: a pickle, but not a PyTorch checkpoint: expected torch's magic "
-                    f"number {_LEGACY_MAGIC_NUMBER:#x}, found {magic!r}"
+                    f"number {_LEGACY_MAGIC_NUMBER:#x}, found {_brief(magic)}"
                 )
             version, _ = _load_pickle(f, source=self.path, legacy=True)
             if version != _LEGACY_PROTOCOL_VERSION:
                 raise FormatError(
-                    f"{self.path}: legacy protocol version {version!r} is not the "
+                    f"{self.path}: legacy protocol version {_brief(version)} is not the "
                     f"{_LEGACY_PROTOCOL_VERSION} weightbridge reads"
                 )
             _load_pickle(f, source=self.path, legacy=True)  # sys_info: not needed, see below
             obj, refs = _load_pickle(f, source=self.path, legacy=True)
             order, _ = _load_pickle(f, source=self.path, legacy=True)
             if not isinstance(order, list) or not all(isinstance(k, str) for k in order):
-                raise FormatError(f"{self.path}: the storage key list is corrupt ({order!r:.80})")
+                raise FormatError(f"{self.path}: the storage key list is corrupt ({_brief(order)})")
             storages: dict[str, _Stored] = {}
             # Storages follow the key list back to back, each as an 8-byte element count and
             # its bytes; torch writes them little-endian whatever the machine (sys_info's
@@ -831,8 +1033,15 @@ class TorchReader(BaseReader):
             )
         try:
             spec = TensorSpec(name, ref.shape, ref.code)
-        except (DtypeError, SpecError) as e:
+        except DtypeError as e:
             raise FormatError(f"{where}: {e}") from e
+        except SpecError as e:  # it names the tensor already
+            raise FormatError(f"{self.path}: {e}") from e
+        if spec.nbytes > MAX_NBYTES:  # only a view with zero strides gets this far
+            raise FormatError(
+                f"{where}: shape {ref.shape} of {spec.dtype} is {spec.nbytes} bytes, more than "
+                "numpy can index; the checkpoint is corrupt or hostile"
+            )
         stored = self._storages[ref.storage.key]
         # Bytes of the storage (view) the tensor may reach, counted from the storage's start.
         available = min(ref.storage.byte_offset + ref.storage.nbytes, stored.nbytes)
@@ -888,8 +1097,17 @@ class TorchReader(BaseReader):
 
     def _inflate(self, info: zipfile.ZipInfo, nbytes: int) -> bytes:
         """A compressed storage's bytes, decompressed (at most `nbytes`) on every read."""
-        with zipfile.ZipFile(self.path) as zf:
-            return self._read_entry(zf, info, nbytes)
+        try:
+            with zipfile.ZipFile(self.path) as zf:
+                data = self._read_entry(zf, info, nbytes)
+        except (zipfile.BadZipFile, OSError, ValueError, EOFError, NotImplementedError) as e:
+            raise FormatError(f"{self.path}: cannot reopen the archive: {e}") from e
+        if len(data) != nbytes:
+            raise FormatError(
+                f"{self.path}: entry {info.filename!r} holds {len(data)} bytes, its header says "
+                f"{nbytes}; the archive is corrupt: copy it again"
+            )
+        return data
 
     def byte_range(self, name: str) -> ByteRange | None:
         """The tensor's bytes in the file when they are contiguous, uncompressed, little-endian."""
