@@ -45,7 +45,7 @@ TF_FIXTURES = Path(__file__).parent / "fixtures" / "tf"
 # Examples per target: enough to reach every header field of these small files several times
 # over, few enough that all targets together take well under a minute. A longer campaign:
 # WEIGHTBRIDGE_FUZZ_EXAMPLES=20000 WEIGHTBRIDGE_FUZZ_SEED=7 pytest tests/test_fuzz_readers.py
-EXAMPLES = int(os.environ.get("WEIGHTBRIDGE_FUZZ_EXAMPLES", "400"))
+EXAMPLES = int(os.environ.get("WEIGHTBRIDGE_FUZZ_EXAMPLES", "300"))
 SEED = os.environ.get("WEIGHTBRIDGE_FUZZ_SEED")  # unset: hypothesis's fixed derandomized seed
 # Per example: reading a mutant of a few KB takes milliseconds.
 EXAMPLE_TIMEOUT = 10

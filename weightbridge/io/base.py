@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import mmap
 import os
+import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
@@ -227,3 +228,27 @@ class UnionReader(BaseReader):
 
     def files(self) -> list[str]:
         return [f for r in self._readers.values() for f in r.files()]
+
+
+# A zip local file header is 30 fixed bytes; the member's name length sits at bytes 26-27.
+ZIP_LOCAL_HEADER_SIZE = 30
+
+
+def zip_first_member_name(path: str, head: bytes) -> bytes:
+    """The name of a zip's first member, from its local header (b"" when it cannot be read).
+
+    Detection looks only at the first bytes of a file; zips that share the PK magic (npz,
+    PyTorch's zip format) are told apart by their first member's name.
+    """
+    if len(head) < ZIP_LOCAL_HEADER_SIZE:
+        return b""
+    (n,) = struct.unpack("<H", head[26:28])
+    name = head[ZIP_LOCAL_HEADER_SIZE : ZIP_LOCAL_HEADER_SIZE + n]
+    if len(name) < n:
+        try:
+            with open(path, "rb") as f:
+                f.seek(ZIP_LOCAL_HEADER_SIZE)
+                name = f.read(n)
+        except OSError:
+            return b""
+    return name

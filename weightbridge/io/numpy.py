@@ -39,7 +39,7 @@ from numpy.lib import format as npy_format
 from weightbridge import dtypes
 from weightbridge.errors import DtypeError, FormatError, SpecError
 from weightbridge.io._tiles import TileCursor
-from weightbridge.io.base import BaseReader, ByteRange, MappedFile
+from weightbridge.io.base import BaseReader, ByteRange, MappedFile, zip_first_member_name
 from weightbridge.spec import CheckpointSpec, TensorSpec, parse_json
 
 NAME = "numpy"
@@ -93,25 +93,10 @@ def detect(path: str, head: bytes) -> bool:
     if head.startswith(NPY_MAGIC):
         return True
     if head.startswith(ZIP_MAGIC):
-        if _first_member_name(path, head).endswith(b".npy"):
+        if zip_first_member_name(path, head).endswith(b".npy"):
             return True
         return path.endswith(".npz") and _has_npy_member(path)
     return head.startswith(ZIP_EMPTY) and path.endswith(".npz")
-
-
-def _first_member_name(path: str, head: bytes) -> bytes:
-    if len(head) < LOCAL_HEADER_SIZE:
-        return b""
-    (n,) = struct.unpack("<H", head[26:28])
-    name = head[LOCAL_HEADER_SIZE : LOCAL_HEADER_SIZE + n]
-    if len(name) < n:
-        try:
-            with open(path, "rb") as f:
-                f.seek(LOCAL_HEADER_SIZE)
-                name = f.read(n)
-        except OSError:
-            return b""
-    return name
 
 
 def _has_npy_member(path: str) -> bool:

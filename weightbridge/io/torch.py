@@ -47,7 +47,13 @@ import numpy as np
 
 from weightbridge import dtypes
 from weightbridge.errors import DtypeError, FormatError, SpecError
-from weightbridge.io.base import BaseReader, ByteRange, MappedFile, check_safe_relative
+from weightbridge.io.base import (
+    BaseReader,
+    ByteRange,
+    MappedFile,
+    check_safe_relative,
+    zip_first_member_name,
+)
 from weightbridge.spec import MAX_NBYTES, CheckpointSpec, TensorSpec
 
 NAME = "torch"
@@ -170,17 +176,9 @@ def detect(path: str, head: bytes) -> bool:
 
 
 def _zip_is_torch(path: str, head: bytes) -> bool:
-    if len(head) < _LOCAL_HEADER_SIZE:
+    first = zip_first_member_name(path, head)
+    if not first:
         return False
-    (name_len,) = struct.unpack("<H", head[26:28])
-    first = head[_LOCAL_HEADER_SIZE : _LOCAL_HEADER_SIZE + name_len]
-    if len(first) < name_len:
-        try:
-            with open(path, "rb") as f:
-                f.seek(_LOCAL_HEADER_SIZE)
-                first = f.read(name_len)
-        except OSError:
-            return False
     if first == b"data.pkl" or first.endswith(b"/data.pkl"):
         return True
     if first.endswith(b".npy") or not path.endswith(SUFFIXES):
