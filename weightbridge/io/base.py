@@ -66,12 +66,21 @@ class ShardWriter(Protocol):
 
 
 class BaseReader:
-    """Context-manager plumbing and a default `byte_range`/`release` for readers."""
+    """What every reader shares: `specs()` from `self._spec` (set by the subclass from headers),
+    a lazily opened map of `self.path`, default `byte_range`/`release`/`prefetch`, and
+    context-manager plumbing."""
 
     path: str
+    _spec: CheckpointSpec
+    _file: MappedFile | None = None
 
-    def specs(self) -> CheckpointSpec:  # pragma: no cover - abstract
-        raise NotImplementedError
+    def specs(self) -> CheckpointSpec:
+        return self._spec
+
+    def _mapped(self) -> MappedFile:
+        if self._file is None:
+            self._file = MappedFile(self.path)
+        return self._file
 
     def read(self, name: str) -> np.ndarray:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -204,9 +213,6 @@ class UnionReader(BaseReader):
             if prefix and name.startswith(prefix):
                 return reader, name[len(prefix) :]
         return self._readers[""], name
-
-    def specs(self) -> CheckpointSpec:
-        return self._spec
 
     def read(self, name: str) -> np.ndarray:
         reader, inner = self._route(name)

@@ -421,9 +421,6 @@ class HDF5Reader(BaseReader):
             return None
         return group
 
-    def specs(self) -> CheckpointSpec:
-        return self._spec
-
     def read(self, name: str) -> np.ndarray:
         """The tensor as a read-only array: a memory map when contiguous and little-endian."""
         entry = self._datasets.get(name)

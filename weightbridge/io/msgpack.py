@@ -445,14 +445,6 @@ class MsgpackReader(BaseReader):
         self._entries[name] = _Entry(segments)
         self._tensors.append(spec)
 
-    def specs(self) -> CheckpointSpec:
-        return self._spec
-
-    def _mapped(self) -> MappedFile:
-        if self._file is None:
-            self._file = MappedFile(self.path)
-        return self._file
-
     def read(self, name: str) -> np.ndarray:
         entry = self._entries.get(name)
         if entry is None:

@@ -406,9 +406,6 @@ class NumpyReader(BaseReader):
         self._entries[name] = _Entry(info.filename, offset, stored, fortran, not _is_little(dt))
         return spec
 
-    def specs(self) -> CheckpointSpec:
-        return self._spec
-
     def read(self, name: str) -> np.ndarray:
         """The tensor as a read-only array: a memory map when stored little-endian."""
         entry = self._entries.get(name)

@@ -153,14 +153,6 @@ class SafetensorsReader(BaseReader):
             )
         return spec, (begin, end)
 
-    def specs(self) -> CheckpointSpec:
-        return self._spec
-
-    def _mapped(self) -> MappedFile:
-        if self._file is None:
-            self._file = MappedFile(self.path)
-        return self._file
-
     def read(self, name: str) -> np.ndarray:
         if name not in self._offsets:
             raise self._missing(name)

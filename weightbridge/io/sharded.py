@@ -105,9 +105,6 @@ class ShardedReader(BaseReader):
         metadata = index.get("metadata") if isinstance(index.get("metadata"), dict) else {}
         self._spec = CheckpointSpec(tuple(tensors), {k: str(v) for k, v in metadata.items()})
 
-    def specs(self) -> CheckpointSpec:
-        return self._spec
-
     def read(self, name: str) -> np.ndarray:
         if name not in self._where:
             raise self._missing(name)

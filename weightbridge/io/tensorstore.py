@@ -537,9 +537,6 @@ class TensorstoreReader(BaseReader):
 
     # -- Reader protocol -----------------------------------------------------------------------
 
-    def specs(self) -> CheckpointSpec:
-        return self._spec
-
     def read(self, name: str) -> np.ndarray:
         arr = self._arrays.get(name)
         if arr is None:

@@ -646,10 +646,7 @@ class TFCheckpointReader(BaseReader):
                     f"[{offset}, {offset + spec.nbytes}), file is {sizes[shard]} bytes; copy it again"
                 )
 
-    def specs(self) -> CheckpointSpec:
-        return self._spec
-
-    def _mapped(self, shard: int) -> MappedFile:
+    def _mapped_shard(self, shard: int) -> MappedFile:
         mf = self._files.get(shard)
         if mf is None:
             mf = self._files[shard] = MappedFile(self._data_paths[shard])
@@ -659,7 +656,7 @@ class TFCheckpointReader(BaseReader):
         loc = self._where.get(name)
         if loc is None:
             raise self._missing(name)
-        return self._mapped(loc.shard).array(loc.offset, self._spec[name])
+        return self._mapped_shard(loc.shard).array(loc.offset, self._spec[name])
 
     def byte_range(self, name: str) -> ByteRange | None:
         loc = self._where.get(name)

@@ -1054,14 +1054,6 @@ class TorchReader(BaseReader):
 
     # -- reading --------------------------------------------------------------------------
 
-    def specs(self) -> CheckpointSpec:
-        return self._spec
-
-    def _mapped(self) -> MappedFile:
-        if self._file is None:
-            self._file = MappedFile(self.path)
-        return self._file
-
     def read(self, name: str) -> np.ndarray:
         if name not in self._refs:
             raise self._missing(name)
