@@ -27,6 +27,7 @@ import os
 import random
 import resource
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -341,6 +342,7 @@ def bench(work: str, size: int, skip_naive: bool, repeat: int) -> int:
         del methods["naive load/.T/save"]
 
     results: dict[str, Run] = {}
+    runs: dict[str, list[float]] = {name: [] for name in methods}
     for attempt in range(repeat):
         for name, command in methods.items():
             out = os.path.join(work, "out")
@@ -351,6 +353,7 @@ def bench(work: str, size: int, skip_naive: bool, repeat: int) -> int:
                 checked = check_sample(src, out, pairs, 12)
                 print(f"{name}: {checked} sampled tensors bit-identical to the source (.T)")
             shutil.rmtree(out)
+            runs[name].append(run.seconds)
             best = results.get(name)
             if best is None or run.seconds < best.seconds:
                 results[name] = Run(
@@ -378,13 +381,22 @@ def bench(work: str, size: int, skip_naive: bool, repeat: int) -> int:
             f"{r.vm_hwm / 1e6:>9.0f}"
         )
     mine = results["weightbridge"]
-    ratio = base / mine.seconds
+    # The disk here is shared and its speed drifts between runs by up to 2x, so each attempt
+    # runs cp right before ours and the verdict is the median of those paired ratios.
+    paired = sorted(c / w for c, w in zip(runs["cp + sync"], runs["weightbridge"], strict=True))
+    ratio = statistics.median(paired)
     print()
+    for name, times in runs.items():
+        print(f"{name:<20} runs (s): {' '.join(f'{t:.2f}' for t in times)}")
+    print(f"paired ratios (cp / ours, per attempt): {' '.join(f'{r:.2f}' for r in paired)}")
     print(
         f"largest tensor: {largest / 1e6:.0f} MB; memory bound (largest + 256 MB): "
         f"{bound / 1e6:.0f} MB"
     )
-    print(f"speed  target ours >= 0.9x cp: {ratio:.2f}x -> {'PASS' if ratio >= 0.9 else 'FAIL'}")
+    print(
+        f"speed  target ours >= 0.9x cp (median paired ratio; best vs best "
+        f"{base / mine.seconds:.2f}x): {ratio:.2f}x -> {'PASS' if ratio >= 0.9 else 'FAIL'}"
+    )
     ok = mine.peak_rss_anon <= bound
     print(
         f"memory target peak RssAnon <= bound: {mine.peak_rss_anon / 1e6:.0f} MB "

@@ -2,18 +2,22 @@
 
 Phase two of two. Nothing here decides anything: the plan says what each target tensor is made
 of, `layout_shards` fixes which file it goes to and where, and then each shard is one
-independent unit of work, produced by `write_shard` from the plan and the shard alone:
+independent unit of work, produced by `fill_shard` from the plan and the shard alone:
 
-* sources are memory-mapped; each tensor is transformed tile by tile (``transform.tiles``) on a
-  small thread pool and handed through a bounded queue to a writer thread, so reading,
-  transposing and writing overlap and anonymous memory stays at a few tiles (plus one tensor
-  when an op cannot be a view);
+* sources are memory-mapped, and a `Readahead` thread pulls them into the page cache in file
+  order, ahead of the transforms, with large sequential reads;
+* each tensor is transformed tile by tile on a small thread pool, a window of tiles in flight
+  across tensor boundaries. Where the writer can place a tile anywhere (safetensors: the header
+  fixes every offset) each worker transposes straight into the mapped output file; other
+  writers take tiles in file order from a writer thread through a bounded queue. Anonymous
+  memory stays at a few tiles (plus one tensor when an op cannot be a view);
 * a tensor that needs no op other than a reshape is copied file to file by the kernel;
-* a shard is written under a temporary name, fsynced and renamed; the journal then records it
-  (size and a hash of its tensor bytes); the index is written last, so a directory that has
-  an index (or a single final file) is complete.
+* a shard is written under a temporary name; its commit (fsync, rename, then the journal's
+  record of its size and checksum) runs on its own thread while the next shard is produced;
+  the index is written last, so a directory that has an index (or a single final file) is
+  complete.
 
-Rerunning after a crash skips recorded shards after re-hashing them and produces byte-identical
+Rerunning after a crash skips recorded shards after re-checking them and produces byte-identical
 output, because every byte of a shard is a function of the plan alone.
 """
 
@@ -38,14 +42,16 @@ import numpy as np
 
 from weightbridge import dtypes
 from weightbridge import io as wio
-from weightbridge.dest import Destination, destination_for
+from weightbridge.checksum import Checksum
+from weightbridge.dest import Destination, ShardSink, destination_for
 from weightbridge.errors import ConversionError, VerifyError, WeightbridgeError
 from weightbridge.io.base import ByteRange
 from weightbridge.journal import Journal
 from weightbridge.ops import Reshape
 from weightbridge.plan import Plan, Step
+from weightbridge.readahead import Readahead
 from weightbridge.spec import TensorSpec
-from weightbridge.transform import compute, source_view, tiles
+from weightbridge.transform import blocked_copy, compute, source_view, tiles
 
 # Hugging Face's default shard limit; a tensor larger than the limit gets a shard of its own.
 DEFAULT_MAX_SHARD_SIZE = 5 * 10**9
@@ -193,7 +199,9 @@ def convert(
     stack = contextlib.ExitStack()
     try:
         plan.validate(reader.specs())
-        shards = layout_shards(plan, format=format, max_shard_size=max_shard_size)
+        shards = layout_shards(
+            plan, format=format, max_shard_size=_shard_limit(target, format, max_shard_size)
+        )
         outputs = [s.name for s in shards] + ([index_name(format)] if len(shards) > 1 else [])
         job = _job_id(plan, shards, format, metadata)
         target.prepare()
@@ -211,12 +219,27 @@ def convert(
         bar = _progress_bar(
             plan.target.nbytes, sum(s.nbytes for s in shards if s.name in done), progress
         )
+        ahead = stack.enter_context(Readahead(_source_ranges(reader, todo)))
+        # Shards commit (fsync, rename, journal) on their own thread while the next one is
+        # produced: an fsync waits for the disk, and the transforms need not wait with it.
+        committer = stack.enter_context(
+            ThreadPoolExecutor(1, thread_name_prefix="weightbridge-commit")
+        )
+        pending: list[tuple[Shard, Future[int], str]] = []
+
+        def settle() -> None:
+            while pending:
+                shard, future, digest = pending.pop()
+                journal.record(shard.name, future.result(), digest)
+                report.written.append(shard.name)
+                report.bytes_written += shard.nbytes
+
         try:
             for shard in shards:
                 if shard.name in done:
                     report.skipped.append(shard.name)
                     continue
-                size, digest = write_shard(
+                sink, digest = fill_shard(
                     reader,
                     shard,
                     target,
@@ -224,10 +247,19 @@ def convert(
                     metadata=metadata,
                     on_bytes=bar.update if bar else None,
                     pool=pool,
+                    readahead=ahead,
                 )
-                journal.record(shard.name, size, digest)
-                report.written.append(shard.name)
-                report.bytes_written += shard.nbytes
+                try:
+                    settle()  # at most one shard waits for its commit
+                except BaseException:
+                    sink.abort()
+                    raise
+                pending.append((shard, committer.submit(commit_shard, sink, target, shard), digest))
+            settle()
+        except BaseException:
+            with contextlib.suppress(BaseException):  # keep the work already done, if it commits
+                settle()
+            raise
         finally:
             if bar:
                 bar.close()
@@ -247,6 +279,15 @@ def convert(
         stack.close()
         if owned:
             reader.close()
+
+
+def _shard_limit(target: Destination, format: str, max_shard_size: int | str) -> int:
+    """The shard size limit, lowered where the destination cannot take larger objects in
+    bounded memory (an object store receives a byte-format shard in one PUT)."""
+    limit = parse_size(max_shard_size)
+    cap = getattr(target, "max_object_size", None)
+    cap = cap(format) if callable(cap) else None
+    return min(limit, cap) if cap else limit
 
 
 def _source_state(reader: Any) -> list[list[Any]]:
@@ -322,7 +363,7 @@ def _committed_shards(journal: Journal, shards: list[Shard]) -> set[str]:
 
 def hash_shard(reader: Any, shard: Shard) -> str:
     """The checksum `write_shard` records, recomputed by reading the shard back through our reader."""
-    h = _Checksum()
+    h = Checksum()
     for step in shard.steps:
         _hash_array(h, reader.read(step.target.name))
         reader.release(step.target.name)
@@ -385,9 +426,112 @@ def write_shard(
     Depends only on the reader's data and the shard, so any process can produce any shard.
     `pool` runs the transforms (one is made for this shard when not given).
     """
+    sink, digest = fill_shard(
+        reader, shard, dest, format=format, metadata=metadata, on_bytes=on_bytes, pool=pool
+    )
+    return commit_shard(sink, dest, shard), digest
+
+
+def fill_shard(
+    reader: Any,
+    shard: Shard,
+    dest: Destination,
+    *,
+    format: str,
+    metadata: dict[str, str] | None = None,
+    on_bytes: Callable[[int], Any] | None = None,
+    pool: ThreadPoolExecutor | None = None,
+    readahead: Readahead | None = None,
+) -> tuple[ShardSink, str]:
+    """Write every tensor of one shard into a new sink; return it, uncommitted, with the
+    checksum of its tensor bytes. On failure the sink is aborted (nothing is left behind).
+
+    Writers that can place a tile anywhere (`target_array`: safetensors) are filled by the
+    transform workers directly; the others take tiles in file order from a writer thread.
+    """
     sink = dest.open_shard(shard.name, format, [s.target for s in shard.steps], metadata)
-    writer = sink.writer
-    hasher = _Checksum()
+    own_pool = pool is None
+    workers = pool or ThreadPoolExecutor(
+        TRANSFORM_WORKERS, thread_name_prefix="weightbridge-transform"
+    )
+    fill = _fill_at_random if hasattr(sink.writer, "target_array") else _fill_in_order
+    try:
+        digest = fill(reader, shard, sink.writer, workers, on_bytes, readahead)
+    except BaseException as e:
+        sink.abort()
+        mapped = _write_error(e, dest, shard)
+        if mapped is e:
+            raise
+        raise mapped from e
+    finally:
+        if own_pool:
+            workers.shutdown(wait=True)
+    return sink, digest
+
+
+def _fill_at_random(
+    reader: Any,
+    shard: Shard,
+    writer: Any,
+    pool: ThreadPoolExecutor,
+    on_bytes: Callable[[int], Any] | None,
+    readahead: Readahead | None,
+) -> str:
+    """Each worker transforms its tile straight into the writer's mapped file and returns the
+    tile's CRC; the CRCs are joined here in file order. No writer thread, no tile buffers."""
+
+    def place_tile(part: np.ndarray, target: TensorSpec, row: int) -> tuple[int, int]:
+        out = writer.target_array(target.name)
+        dst = out[row : row + part.shape[0]] if out.ndim else out
+        if dst.size:
+            blocked_copy(dst, part)
+        return _crc(dst), dst.nbytes
+
+    def place_copy(step: Step, brange: ByteRange, view: np.ndarray) -> tuple[int, int]:
+        if not writer.copy_at(step.target.name, brange):
+            out = writer.target_array(step.target.name)
+            if out.size:
+                blocked_copy(out, view.reshape(out.shape))
+        return _crc(view), step.target.nbytes
+
+    checksum = Checksum()
+    items = _produce(
+        reader,
+        shard,
+        pool,
+        prefetch=readahead is None,
+        tile_job=place_tile,
+        copy_job=place_copy,
+    )
+    for item in items:
+        if item[0] == "release":
+            _, names, nbytes = item
+            for name in names:
+                reader.release(name)
+            if readahead is not None:
+                readahead.consumed(nbytes)
+        else:
+            crc, size = item[2]
+            checksum.combine(crc, size)
+            if on_bytes:
+                on_bytes(size)
+    return checksum.hexdigest()
+
+
+def _crc(a: np.ndarray) -> int:
+    return zlib.crc32(np.ascontiguousarray(a).reshape(-1).view(np.uint8).data) if a.size else 0
+
+
+def _fill_in_order(
+    reader: Any,
+    shard: Shard,
+    writer: Any,
+    pool: ThreadPoolExecutor,
+    on_bytes: Callable[[int], Any] | None,
+    readahead: Readahead | None,
+) -> str:
+    """Tiles go through a bounded queue to a writer thread, which writes them in file order."""
+    hasher = Checksum()
     items: queue.Queue[Any] = queue.Queue(maxsize=QUEUE_TILES)
     # The checksum runs on its own thread, beside the writes: on the writer thread it was a
     # third of that thread's time, and the writer is the pipeline's narrowest stage.
@@ -403,7 +547,7 @@ def write_shard(
             while (item := items.get()) is not None:
                 kind = item[0]
                 if kind == "tile":
-                    _, name, row, tile = item
+                    _, name, (row, tile) = item
                     writer.write(name, tile, row)
                     sums.put(tile)
                     if on_bytes:
@@ -417,8 +561,11 @@ def write_shard(
                     if on_bytes:
                         on_bytes(step.target.nbytes)
                 elif kind == "release":
-                    for name in item[1]:
+                    _, names, nbytes = item
+                    for name in names:
                         reader.release(name)
+                    if readahead is not None:
+                        readahead.consumed(nbytes)
         except BaseException as e:  # handed to the producer, which re-raises it
             failure.append(e)
             while items.get() is not None:  # unblock the producer
@@ -430,69 +577,67 @@ def write_shard(
     )
     thread.start()
     summer.start()
-    own_pool = pool is None
-    workers = pool or ThreadPoolExecutor(
-        TRANSFORM_WORKERS, thread_name_prefix="weightbridge-transform"
-    )
     try:
-        try:
-            for item in _produce(reader, shard, workers):
-                if failure:
-                    break
-                items.put(item)
-        finally:
-            if own_pool:
-                workers.shutdown(wait=True)
+        for item in _produce(reader, shard, pool, prefetch=readahead is None):
+            if failure:
+                break
+            items.put(item)
+    finally:
         items.put(None)
         thread.join()
         sums.put(None)
         summer.join()
-        if failure:
-            raise failure[0]
-        size = sink.commit()
+    if failure:
+        raise failure[0]
+    return hasher.hexdigest()
+
+
+def commit_shard(sink: ShardSink, dest: Destination, shard: Shard) -> int:
+    """Make a filled shard visible under its final name (local: fsync + rename); its size."""
+    try:
+        return sink.commit()
     except BaseException as e:
-        if thread.is_alive():
-            items.put(None)
-            thread.join()
-        if summer.is_alive():
-            sums.put(None)
-            summer.join()
         sink.abort()
-        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
-            raise ConversionError(
-                f"{dest.url}: out of space writing {shard.name} ({e.strerror}); this shard needs "
-                f"{shard.nbytes / 1e6:.1f} MB. Free space and rerun the same command: committed "
-                "shards are kept and the conversion resumes with this one"
-            ) from e
-        if isinstance(e, OSError):
-            raise ConversionError(
-                f"{dest.url}/{shard.name}: writing failed ({e.strerror or e}); a rerun resumes"
-            ) from e
-        raise
-    return size, hasher.hexdigest()
+        mapped = _write_error(e, dest, shard)
+        if mapped is e:
+            raise
+        raise mapped from e
 
 
-class _Checksum:
-    """CRC-32 of a shard's tensor bytes in order, with their count.
-
-    The journal's check on resume is against accidents (a torn or edited file), not attackers,
-    and CRC-32 runs at ~3 GB/s here where sha256 ran at ~1.1 GB/s and became the writer
-    thread's bottleneck. The value is independent of how the bytes were tiled.
-    """
-
-    def __init__(self) -> None:
-        self.crc = 0
-        self.size = 0
-
-    def update(self, data: Any) -> None:
-        self.crc = zlib.crc32(data, self.crc)
-        self.size += len(data)
-
-    def hexdigest(self) -> str:
-        return f"crc32:{self.crc:08x}:{self.size}"
+def _write_error(e: BaseException, dest: Destination, shard: Shard) -> BaseException:
+    """The error to report for a failed shard write: out of space and I/O errors named."""
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+        return ConversionError(
+            f"{dest.url}: out of space writing {shard.name} ({e.strerror}); this shard needs "
+            f"{shard.nbytes / 1e6:.1f} MB. Free space and rerun the same command: committed "
+            "shards are kept and the conversion resumes with this one"
+        )
+    if isinstance(e, OSError):
+        return ConversionError(
+            f"{dest.url}/{shard.name}: writing failed ({e.strerror or e}); a rerun resumes"
+        )
+    return e
 
 
-def _produce(reader: Any, shard: Shard, pool: ThreadPoolExecutor) -> Iterator[tuple[Any, ...]]:
+def _source_ranges(reader: Any, shards: list[Shard]) -> list[ByteRange]:
+    """The source byte ranges the shards read, in the order the converter reads them."""
+    return [r for shard in shards for step in shard.steps for r in _step_ranges(reader, step)]
+
+
+def _step_ranges(reader: Any, step: Step) -> list[ByteRange]:
+    ranges = (reader.byte_range(s) for s in step.sources)
+    return [r for r in ranges if r is not None and r.length > 0]
+
+
+def _produce(
+    reader: Any,
+    shard: Shard,
+    pool: ThreadPoolExecutor,
+    *,
+    prefetch: bool = True,
+    tile_job: Callable[[np.ndarray, TensorSpec, int], Any] | None = None,
+    copy_job: Callable[[Step, ByteRange, np.ndarray], Any] | None = None,
+) -> Iterator[tuple[Any, ...]]:
     """Queue items for one shard, in order: tiles (transformed on `pool`), byte copies, releases.
 
     A window of transforms stays in flight across tensor boundaries, so both workers stay busy
@@ -506,47 +651,60 @@ def _produce(reader: Any, shard: Shard, pool: ThreadPoolExecutor) -> Iterator[tu
         while window and (len(window) > limit or not isinstance(window[0], Future)):
             head = window.popleft()
             if isinstance(head, Future):
-                name, (row, tile) = head.name, head.result()  # type: ignore[attr-defined]
-                yield ("tile", name, row, tile)
+                yield (head.kind, head.name, head.result())  # type: ignore[attr-defined]
             else:
                 yield head
 
-    prefetch = getattr(reader, "prefetch", None)
-    if prefetch and shard.steps:
-        for s in shard.steps[0].sources:
-            prefetch(s)
-    for i, step in enumerate(shard.steps):
-        if prefetch and i + 1 < len(shard.steps):  # the disk reads the next while we transform
-            for s in shard.steps[i + 1].sources:
-                prefetch(s)
-        if len(step.sources) > 1:
-            # Concat/stack materialise the whole group: let the previous group's tiles finish
-            # first, so at most one group is held (the memory bound is the largest group).
-            limit, saved = 0, limit
-            yield from ready()
-            limit = saved
-        arrays = [reader.read(s) for s in step.sources]
-        brange: ByteRange | None = None
-        if _is_byte_copy(step, specs[step.sources[0]]):
-            brange = reader.byte_range(step.sources[0])
-        if brange is not None:
-            window.append(("copy", step, brange, arrays[0]))
-        else:
-            view = source_view(arrays, step.ops)
-            if view.shape != step.target.shape:
-                view = view.reshape(step.target.shape)
-            for row, part in _tile_slices(view, step.target):
-                fut = pool.submit(_one_tile, part, step.target, row)
-                fut.name = step.target.name  # type: ignore[attr-defined]
-                window.append(fut)
-                del part  # only the future holds the slice, so the group dies with its tiles
+    try:
+        # Without a Readahead thread, ask the reader to read the next tensor while we transform.
+        advise = getattr(reader, "prefetch", None) if prefetch else None
+        if advise and shard.steps:
+            for s in shard.steps[0].sources:
+                advise(s)
+        for i, step in enumerate(shard.steps):
+            if advise and i + 1 < len(shard.steps):
+                for s in shard.steps[i + 1].sources:
+                    advise(s)
+            if len(step.sources) > 1:
+                # Concat/stack materialise the whole group: let the previous group's tiles finish
+                # first, so at most one group is held (the memory bound is the largest group).
+                limit, saved = 0, limit
                 yield from ready()
-            del view
-        del arrays
-        window.append(("release", step.sources))
+                limit = saved
+            arrays = [reader.read(s) for s in step.sources]
+            brange: ByteRange | None = None
+            if _is_byte_copy(step, specs[step.sources[0]]):
+                brange = reader.byte_range(step.sources[0])
+            if brange is not None and copy_job is not None:
+                fut = pool.submit(copy_job, step, brange, arrays[0])
+                fut.kind, fut.name = "copied", step.target.name  # type: ignore[attr-defined]
+                window.append(fut)
+            elif brange is not None:
+                window.append(("copy", step, brange, arrays[0]))
+            else:
+                view = source_view(arrays, step.ops)
+                if view.shape != step.target.shape:
+                    view = view.reshape(step.target.shape)
+                for row, part in _tile_slices(view, step.target):
+                    fut = pool.submit(tile_job or _one_tile, part, step.target, row)
+                    fut.kind, fut.name = "tile", step.target.name  # type: ignore[attr-defined]
+                    window.append(fut)
+                    del part  # only the future holds the slice, so the group dies with its tiles
+                    yield from ready()
+                del view
+            del arrays
+            nbytes = sum(r.length for r in _step_ranges(reader, step))
+            window.append(("release", step.sources, nbytes))
+            yield from ready()
+        limit = 0
         yield from ready()
-    limit = 0
-    yield from ready()
+    finally:
+        # Abandoned (an error): the workers may still be writing into the shard; let them
+        # finish before the caller aborts it.
+        for head in window:
+            if isinstance(head, Future) and not head.cancel():
+                with contextlib.suppress(BaseException):
+                    head.result()
 
 
 def _tile_slices(view: np.ndarray, target: TensorSpec) -> Iterator[tuple[int, np.ndarray]]:

@@ -9,9 +9,12 @@ back as zero-copy memory maps. The `safetensors` package is the oracle in the te
 
 from __future__ import annotations
 
+import contextlib
 import json
+import mmap
 import os
 import struct
+import threading
 from collections.abc import Sequence
 from typing import Any
 
@@ -198,7 +201,15 @@ def encode_header(tensors: Sequence[TensorSpec], metadata: dict[str, str] | None
 
 
 class SafetensorsWriter:
-    """Writes one `.safetensors` file: header first, then each tensor's bytes in order."""
+    """Writes one `.safetensors` file: header first, then each tensor's bytes.
+
+    Two ways to fill it, not to be mixed: in order (`write`, `copy_from`: tensors and tiles in
+    file order, as every writer takes them), or at random (`target_array`, `copy_at`: any
+    tensor, any tile, from any thread). Random access maps the file and lets the transforms
+    write each tile straight into the page cache: the layout is fixed by the header, so every
+    tile's place is known, no writer thread orders them, and no buffer is copied into the file
+    (the copy cost as much CPU as the transpose itself on the test machine).
+    """
 
     suffix = ".safetensors"
 
@@ -207,15 +218,24 @@ class SafetensorsWriter:
     ) -> None:
         self.path = path
         self._tensors = list(tensors)
-        self._f = open(path, "wb")  # noqa: SIM115 - closed in close()/abort()
+        self._f = open(path, "w+b")  # noqa: SIM115 - closed in close()/abort(); + for mmap
         header = encode_header(self._tensors, metadata)
         self._f.write(header)
+        self._data_start = len(header)
         self._expect = iter(self._tensors)
         self._current: TensorSpec | None = None
         self._written = 0
         self._synced_to = 0  # bytes handed to the kernel's writeback so far
+        # Random access: the mapped file, each tensor's (offset, spec), tensors handed out.
+        self._map: mmap.mmap | None = None
+        self._array: np.ndarray | None = None
+        self._places: dict[str, tuple[int, TensorSpec]] = {}
+        self._touched: set[str] = set()
+        self._lock = threading.Lock()
 
     def _advance(self, name: str) -> TensorSpec:
+        if self._places:
+            raise FormatError(f"{self.path}: in-order write of {name!r} after random access")
         if (
             self._current is not None
             and self._written == self._current.nbytes
@@ -297,7 +317,85 @@ class SafetensorsWriter:
         self._start_writeback()
         return True
 
+    def _open_random(self) -> None:
+        """Size the file, reserve its blocks, and map it for writing (once, on first use)."""
+        with self._lock:
+            if self._places:
+                return
+            if self._current is not None or self._written:
+                raise FormatError(f"{self.path}: random access after in-order writes")
+            offset = self._data_start
+            places = {}
+            for t in self._tensors:
+                places[t.name] = (offset, t)
+                offset += t.nbytes
+            self._f.flush()
+            fd = self._f.fileno()
+            os.ftruncate(fd, offset)
+            if offset > self._data_start and hasattr(os, "posix_fallocate"):
+                # Reserve the blocks now: a full disk then fails here with ENOSPC, not later
+                # with SIGBUS in a page fault of the mapping.
+                os.posix_fallocate(fd, self._data_start, offset - self._data_start)
+            if offset:
+                self._map = mmap.mmap(fd, offset)
+                self._array = np.frombuffer(self._map, dtype=np.uint8)
+            self._places = places
+
+    def _place(self, name: str) -> tuple[int, TensorSpec]:
+        self._open_random()
+        place = self._places.get(name)
+        if place is None:
+            raise FormatError(f"{self.path}: the writer has no tensor {name!r}")
+        self._touched.add(name)
+        return place
+
+    def target_array(self, name: str) -> np.ndarray:
+        """A writable array over tensor `name`'s bytes in the file (random access)."""
+        offset, spec = self._place(name)
+        dt = dtypes.to_numpy(spec.dtype)
+        if spec.nbytes == 0 or self._array is None:
+            return np.empty(spec.shape, dtype=dt)
+        return self._array[offset : offset + spec.nbytes].view(dt).reshape(spec.shape)
+
+    def copy_at(self, name: str, src: ByteRange) -> bool:
+        """Copy raw source bytes into tensor `name`'s place, file to file in the kernel
+        (random access; any thread). False when the kernel cannot: the caller copies."""
+        offset, spec = self._place(name)
+        if src.length != spec.nbytes or not hasattr(os, "copy_file_range"):
+            return False
+        with open(src.path, "rb") as fin:
+            done = 0
+            while done < src.length:
+                try:
+                    n = os.copy_file_range(
+                        fin.fileno(),
+                        self._f.fileno(),
+                        src.length - done,
+                        src.offset + done,
+                        offset + done,
+                    )
+                except OSError:
+                    n = 0
+                if n == 0:  # cross-device, unsupported, or a short source: the caller copies
+                    return False
+                done += n
+        return True
+
+    def _close_random(self) -> None:
+        missing = [t.name for t in self._tensors if t.name not in self._touched and t.nbytes]
+        if missing:
+            raise FormatError(f"{self.path}: closing before tensors {missing[:5]} were written")
+        self._array = None
+        if self._map is not None:
+            self._map.close()  # dirty pages stay in the page cache; the fsync writes them
+            self._map = None
+        os.fsync(self._f.fileno())
+        self._f.close()
+
     def close(self) -> None:
+        if self._places:
+            self._close_random()
+            return
         if self._current is not None and self._written != self._current.nbytes:
             raise FormatError(f"{self.path}: tensor {self._current.name!r} incomplete at close")
         if self._current is None or self._written == self._current.nbytes:
@@ -309,6 +407,11 @@ class SafetensorsWriter:
         self._f.close()
 
     def abort(self) -> None:
+        self._array = None
+        if self._map is not None:
+            with contextlib.suppress(BufferError):  # a view still held: the GC unmaps it
+                self._map.close()
+            self._map = None
         self._f.close()
 
 

@@ -1,0 +1,134 @@
+"""Read a conversion's source bytes into the page cache ahead of the transforms.
+
+The transforms read sources through memory maps, and a transposing copy walks its source in
+column bands: on a cold file every band faults pages in a scattered order, in small reads that
+queue behind the output's writeback. Measured on the 2-core test machine (2 GB llama-like
+checkpoint, caches dropped): ``madvise``/``fadvise(WILLNEED)`` read the source at 0.8-1.4 GB/s,
+while ``sendfile`` to ``/dev/null`` reads it at 3 GB/s with 0.07 s of CPU, the speed of ``cat``,
+because the kernel reads the file sequentially in large requests and copies nothing to user space.
+
+So one thread walks the sources in the order the converter will use them and pulls each byte
+range into the page cache with ``sendfile``, staying at most a budget ahead of what the transforms
+have consumed. The budget is page cache, not anonymous memory (the kernel reclaims it under
+pressure), and it is a fraction of the memory available, so warming never evicts what it warmed
+before the transforms get to it.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Iterable
+
+from weightbridge.io.base import ByteRange
+
+# Bytes per sendfile call: large enough for the kernel's sequential readahead to ramp up.
+CHUNK = 8 << 20
+# The read-ahead budget: this fraction of MemAvailable, within these bounds.
+BUDGET_FRACTION = 4
+MIN_BUDGET = 64 << 20
+MAX_BUDGET = 8 << 30
+DEFAULT_BUDGET = 512 << 20  # where /proc/meminfo is not available
+
+
+def default_budget() -> int:
+    """A quarter of the memory the kernel reports available, clamped to [64 MB, 8 GB]."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    available = int(line.split()[1]) * 1024
+                    return max(MIN_BUDGET, min(MAX_BUDGET, available // BUDGET_FRACTION))
+    except (OSError, ValueError, IndexError):
+        pass
+    return DEFAULT_BUDGET
+
+
+class Readahead:
+    """A background thread that reads `ranges` (in order) into the page cache.
+
+    Call `consumed(n)` as the transforms finish with n bytes of the ranges, in the same order;
+    the thread stays at most `budget` bytes ahead. `close()` stops it. Everything here is advice:
+    a range that cannot be read ahead is simply left for the page faults to read.
+    """
+
+    def __init__(self, ranges: Iterable[ByteRange], budget: int | None = None) -> None:
+        self._ranges = list(ranges)
+        self._budget = budget if budget is not None else default_budget()
+        self._consumed = 0
+        self._stop = False
+        self._cond = threading.Condition()
+        self._thread = threading.Thread(
+            target=self._run, name="weightbridge-readahead", daemon=True
+        )
+        self._thread.start()
+
+    def consumed(self, nbytes: int) -> None:
+        with self._cond:
+            self._consumed += nbytes
+            self._cond.notify()
+
+    def close(self) -> None:
+        with self._cond:
+            self._stop = True
+            self._cond.notify()
+        self._thread.join()
+
+    def __enter__(self) -> Readahead:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _wait_for_room(self, ahead: int) -> bool:
+        """Block until the reads are less than the budget ahead; False when closed."""
+        with self._cond:
+            while not self._stop and ahead - self._consumed >= self._budget:
+                self._cond.wait()
+            return not self._stop
+
+    def _run(self) -> None:
+        try:
+            null = os.open(os.devnull, os.O_WRONLY)
+        except OSError:
+            return
+        use_sendfile = hasattr(os, "sendfile")
+        ahead = 0  # bytes of the ranges handed to the kernel so far
+        fds: dict[str, int] = {}
+        try:
+            for r in self._ranges:
+                end = r.offset + r.length
+                offset = r.offset
+                while offset < end:
+                    if not self._wait_for_room(ahead):
+                        return
+                    n = min(CHUNK, end - offset)
+                    fd = fds.get(r.path)
+                    if fd is None:
+                        fd = fds[r.path] = os.open(r.path, os.O_RDONLY)
+                    if use_sendfile:
+                        try:
+                            sent = os.sendfile(null, fd, offset, n)
+                        except OSError:  # not supported here (not Linux, odd filesystem)
+                            use_sendfile, sent = False, 0
+                        if sent == 0 and use_sendfile:  # the file is shorter than its header says
+                            break
+                    if not use_sendfile:
+                        _fadvise_willneed(fd, offset, n)
+                        sent = n
+                    offset += sent
+                    ahead += sent
+        except OSError:  # advice only: the transforms will read (and report) for themselves
+            return
+        finally:
+            for fd in fds.values():
+                os.close(fd)
+            os.close(null)
+
+
+def _fadvise_willneed(fd: int, offset: int, length: int) -> None:
+    if hasattr(os, "posix_fadvise"):
+        try:
+            os.posix_fadvise(fd, offset, length, os.POSIX_FADV_WILLNEED)
+        except OSError:
+            pass
