@@ -12,9 +12,10 @@ from __future__ import annotations
 import mmap
 import os
 import struct
+import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol, runtime_checkable
+from typing import IO, Any, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -236,8 +237,32 @@ class UnionReader(BaseReader):
         return [f for r in self._readers.values() for f in r.files()]
 
 
-# A zip local file header is 30 fixed bytes; the member's name length sits at bytes 26-27.
+# A zip local file header is 30 fixed bytes after its magic; the member's name length sits at
+# bytes 26-27 and the extra field's length at 28-29.
+ZIP_MAGIC = b"PK\x03\x04"
 ZIP_LOCAL_HEADER_SIZE = 30
+
+
+def zip_member_data_start(raw: IO[bytes], info: zipfile.ZipInfo, path: str) -> int:
+    """File offset of a zip member's first byte: after its local header, name and extra field.
+
+    The local header's extra field may differ from the central directory's, so it is read:
+    this is what lets a stored member be memory-mapped in place.
+    """
+    # zipfile shifts offsets by bytes found before the archive; a corrupt one comes out negative.
+    raw.seek(max(info.header_offset, 0))
+    local = raw.read(ZIP_LOCAL_HEADER_SIZE)
+    if (
+        info.header_offset < 0
+        or len(local) < ZIP_LOCAL_HEADER_SIZE
+        or not local.startswith(ZIP_MAGIC)
+    ):
+        raise FormatError(
+            f"{path}: member {info.filename!r}: no local zip header at byte {info.header_offset} "
+            "where the archive directory puts it; the archive is corrupt: copy it again"
+        )
+    name_len, extra_len = struct.unpack("<HH", local[26:30])
+    return int(info.header_offset + ZIP_LOCAL_HEADER_SIZE + name_len + extra_len)
 
 
 def zip_first_member_name(path: str, head: bytes) -> bytes:

@@ -29,7 +29,6 @@ import io
 import json
 import os
 import re
-import struct
 import sys
 import zipfile
 from collections.abc import Sequence
@@ -42,7 +41,13 @@ import numpy as np
 from weightbridge import dtypes
 from weightbridge.errors import DtypeError, FormatError
 from weightbridge.io._tiles import TileCursor
-from weightbridge.io.base import BaseReader, ByteRange, MappedFile
+from weightbridge.io.base import (
+    ZIP_MAGIC,
+    BaseReader,
+    ByteRange,
+    MappedFile,
+    zip_member_data_start,
+)
 from weightbridge.spec import MAX_NBYTES, CheckpointSpec, TensorSpec
 
 NAME = "hdf5"
@@ -51,11 +56,8 @@ SUFFIXES = (".h5", ".hdf5", ".keras", ".weights.h5")
 # The HDF5 superblock signature. A file with a user block has it at 512, 1024, ... instead;
 # detection only looks at offset 0 (pass format="hdf5" for such files).
 SIGNATURE = b"\x89HDF\r\n\x1a\n"
-ZIP_MAGIC = b"PK\x03\x04"
 # The member of a Keras 3 `.keras` archive that holds the weights.
 KERAS_WEIGHTS_MEMBER = "model.weights.h5"
-# Fixed part of a zip local file header; the member name and the extra field follow it.
-LOCAL_HEADER_SIZE = 30
 # Attribute naming the true dtype of a dataset stored as unsigned integers.
 DTYPE_ATTR = "weightbridge_dtype"
 # What the writer stores each ml_dtypes type as: unsigned integers of the same width.
@@ -128,20 +130,6 @@ class _Window(io.RawIOBase):
     def close(self) -> None:
         self._f.close()
         super().close()
-
-
-def _member_data_start(raw: IO[bytes], info: zipfile.ZipInfo, path: str) -> int:
-    """File offset of a zip member's first byte (its local header's extra field is read)."""
-    # zipfile shifts offsets by bytes found before the archive; a corrupt one comes out negative.
-    raw.seek(max(info.header_offset, 0))
-    local = raw.read(LOCAL_HEADER_SIZE)
-    if info.header_offset < 0 or len(local) < LOCAL_HEADER_SIZE or not local.startswith(ZIP_MAGIC):
-        raise FormatError(
-            f"{path}: member {info.filename!r}: no local zip header at byte {info.header_offset} "
-            "where the archive directory puts it; the archive is corrupt: copy it again"
-        )
-    name_len, extra_len = struct.unpack("<HH", local[26:30])
-    return int(info.header_offset + LOCAL_HEADER_SIZE + name_len + extra_len)
 
 
 def _natural(name: str) -> tuple[Any, ...]:
@@ -258,7 +246,7 @@ class HDF5Reader(BaseReader):
                 )
             if info.compress_type == zipfile.ZIP_STORED:
                 with open(self.path, "rb") as raw:
-                    self._base = _member_data_start(raw, info, self.path)
+                    self._base = zip_member_data_start(raw, info, self.path)
                     end = raw.seek(0, io.SEEK_END)
                 if self._base + info.file_size > end:
                     raise FormatError(

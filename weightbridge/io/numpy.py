@@ -39,19 +39,24 @@ from numpy.lib import format as npy_format
 from weightbridge import dtypes
 from weightbridge.errors import DtypeError, FormatError, SpecError
 from weightbridge.io._tiles import TileCursor
-from weightbridge.io.base import BaseReader, ByteRange, MappedFile, zip_first_member_name
+from weightbridge.io.base import (
+    ZIP_LOCAL_HEADER_SIZE,
+    ZIP_MAGIC,
+    BaseReader,
+    ByteRange,
+    MappedFile,
+    zip_first_member_name,
+    zip_member_data_start,
+)
 from weightbridge.spec import CheckpointSpec, TensorSpec, parse_json
 
 NAME = "numpy"
 SUFFIXES = (".npz", ".npy")
 
 NPY_MAGIC = b"\x93NUMPY"
-# A zip starts with a member's local file header...
-ZIP_MAGIC = b"PK\x03\x04"
-# ...or, when it has no members (np.savez with no arrays), with its end-of-directory record.
+# A zip starts with a member's local file header (ZIP_MAGIC), or, when it has no members
+# (np.savez with no arrays), with its end-of-directory record.
 ZIP_EMPTY = b"PK\x05\x06"
-# Fixed part of a zip local file header; the member name and the extra field follow it.
-LOCAL_HEADER_SIZE = 30
 # Keys of the archive-comment record. Names, not a version number: a reader that meets keys it
 # does not know ignores them.
 DTYPES_KEY = "weightbridge_dtypes"
@@ -244,23 +249,6 @@ def _parse_comment(path: str, comment: bytes) -> tuple[dict[str, str], dict[str,
     return found, meta
 
 
-def member_data_start(raw: IO[bytes], info: zipfile.ZipInfo, path: str) -> int:
-    """File offset of a member's first byte: after its local header, name and extra field.
-
-    The local header's extra field may differ from the central directory's, so it is read.
-    """
-    # zipfile shifts offsets by bytes found before the archive; a corrupt one comes out negative.
-    raw.seek(max(info.header_offset, 0))
-    local = raw.read(LOCAL_HEADER_SIZE)
-    if info.header_offset < 0 or len(local) < LOCAL_HEADER_SIZE or not local.startswith(ZIP_MAGIC):
-        raise FormatError(
-            f"{path}: member {info.filename!r}: no local zip header at byte {info.header_offset} "
-            "where the archive directory puts it; the archive is corrupt: copy it again"
-        )
-    name_len, extra_len = struct.unpack("<HH", local[26:30])
-    return int(info.header_offset + LOCAL_HEADER_SIZE + name_len + extra_len)
-
-
 class NumpyReader(BaseReader):
     """Reads one `.npy` or `.npz`; stored members are zero-copy memory maps.
 
@@ -360,7 +348,7 @@ class NumpyReader(BaseReader):
                 f"{info.compress_type}; weightbridge reads stored and deflated members (what "
                 "np.savez and np.savez_compressed write): re-save the file with numpy"
             )
-        start = member_data_start(raw, info, self.path)
+        start = zip_member_data_start(raw, info, self.path)
         on_disk = info.file_size if stored else info.compress_size
         if start + on_disk > self._size:
             raise FormatError(
@@ -510,7 +498,7 @@ def _align_extra(offset: int, name: bytes) -> bytes:
     Best effort: if zipfile ever lays headers out differently the data is merely unaligned.
     """
     zip64_extra = 20  # zipfile adds one to every local header it opens with force_zip64
-    pad = -(offset + LOCAL_HEADER_SIZE + len(name) + zip64_extra) % ALIGN
+    pad = -(offset + ZIP_LOCAL_HEADER_SIZE + len(name) + zip64_extra) % ALIGN
     if pad == 0:
         return b""
     if pad < 4:  # an extra field is at least its 4-byte id and length

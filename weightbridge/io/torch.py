@@ -48,26 +48,26 @@ import numpy as np
 from weightbridge import dtypes
 from weightbridge.errors import DtypeError, FormatError, SpecError
 from weightbridge.io.base import (
+    ZIP_LOCAL_HEADER_SIZE,
+    ZIP_MAGIC,
     BaseReader,
     ByteRange,
     MappedFile,
     check_safe_relative,
     zip_first_member_name,
+    zip_member_data_start,
 )
 from weightbridge.spec import MAX_NBYTES, CheckpointSpec, TensorSpec
 
 NAME = "torch"
 SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 
-_ZIP_MAGIC = b"PK\x03\x04"
 # torch's legacy files start with this number pickled; pickled with protocol >= 2 it is the
 # LONG1 opcode, a length byte of 10 and the 10 little-endian bytes of the number.
 _LEGACY_MAGIC_NUMBER = 0x1950A86A20F9469CFC6C
 _LEGACY_MAGIC_BYTES = b"\x8a\x0a" + _LEGACY_MAGIC_NUMBER.to_bytes(10, "little")
 # The only protocol version torch has ever written in legacy files.
 _LEGACY_PROTOCOL_VERSION = 1001
-# A zip local file header is 30 bytes before the name and extra field.
-_LOCAL_HEADER_SIZE = 30
 # torch aligns every storage entry's data to 64 bytes (cache lines, and what its mmap loading
 # assumes); we do the same when writing.
 _ALIGN = 64
@@ -169,7 +169,7 @@ _TORCH_DTYPE_FOR_CODE = {
 
 def detect(path: str, head: bytes) -> bool:
     """True for a `torch.save` zip (an entry ``<prefix>/data.pkl``) or a legacy torch pickle."""
-    if head.startswith(_ZIP_MAGIC):
+    if head.startswith(ZIP_MAGIC):
         return _zip_is_torch(path, head)
     # PROTO opcode, then (for protocol 4 and up) a 9-byte FRAME, then the magic number.
     return head[:1] == b"\x80" and _LEGACY_MAGIC_BYTES in head[:32]
@@ -779,7 +779,7 @@ class TorchReader(BaseReader):
         except OSError as e:
             raise FormatError(f"{self.path}: cannot open: {e.strerror or e}") from e
         self._big_endian = False
-        if head.startswith(_ZIP_MAGIC):
+        if head.startswith(ZIP_MAGIC):
             obj, storages = self._open_zip()
         elif head[:1] == b"\x80":
             obj, storages = self._open_legacy()
@@ -918,12 +918,7 @@ class TorchReader(BaseReader):
         if info.flag_bits & 0x1:
             raise FormatError(f"{where} is encrypted; weightbridge cannot read it")
         need = ref.byte_offset + ref.nbytes
-        f.seek(info.header_offset)
-        local = f.read(_LOCAL_HEADER_SIZE)
-        if len(local) < _LOCAL_HEADER_SIZE or not local.startswith(_ZIP_MAGIC):
-            raise FormatError(f"{where}: no local file header at byte {info.header_offset}")
-        name_len, extra_len = struct.unpack("<HH", local[26:30])
-        start = info.header_offset + _LOCAL_HEADER_SIZE + name_len + extra_len
+        start = zip_member_data_start(f, info, self.path)
         if info.compress_type != zipfile.ZIP_STORED:
             # torch never compresses, but a re-zipped checkpoint might. Decompressing is the
             # fallback; an entry that claims more than its tensors need, or more than its
@@ -1290,7 +1285,7 @@ class TorchWriter:
         info.file_size = size
         # zipfile adds a 20-byte zip64 extra field for entries near 4 GiB (its own rule).
         zip64 = 20 if size * 1.05 > zipfile.ZIP64_LIMIT else 0
-        header = _LOCAL_HEADER_SIZE + len(info.filename.encode("utf-8")) + 4 + zip64
+        header = ZIP_LOCAL_HEADER_SIZE + len(info.filename.encode("utf-8")) + 4 + zip64
         pad = -(self._f.tell() + header) % _ALIGN
         info.extra = struct.pack("<HH", _PAD_EXTRA_ID, pad) + b"Z" * pad
         return info
