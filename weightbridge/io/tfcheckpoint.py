@@ -40,7 +40,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from weightbridge.errors import FormatError
+from weightbridge.errors import DtypeError, FormatError, SpecError
 from weightbridge.io.base import BaseReader, ByteRange, MappedFile, check_safe_relative
 from weightbridge.spec import CheckpointSpec, TensorSpec
 
@@ -611,7 +611,10 @@ class TFCheckpointReader(BaseReader):
                 f"{where}: keys {self.tf_keys[name]!r} and {key!r} both name tensor {name!r} once "
                 f"{VARIABLE_SUFFIX!r} is stripped; weightbridge cannot tell them apart"
             )
-        spec = TensorSpec(name, entry.shape, code)
+        try:
+            spec = TensorSpec(name, entry.shape, code)
+        except (SpecError, DtypeError) as e:  # rank > 64: the message names the tensor
+            raise FormatError(f"{self.path}: {e} (key {key!r})") from e
         if not 0 <= entry.shard_id < header.num_shards:
             raise FormatError(
                 f"{where} is in data shard {entry.shard_id}, but the header declares "
