@@ -220,3 +220,42 @@ def test_checkpoint_larger_than_the_cap_converts_within_largest_tensor_plus_256m
     assert kernel.dtype == ml_dtypes.bfloat16
     np.testing.assert_array_equal(kernel.view(np.uint16), weight.T.view(np.uint16))
     np.testing.assert_array_equal(embedding.view(np.uint32), embed.view(np.uint32))
+
+
+# Every other format, both ways: the 512 MB checkpoint is converted into the format under the
+# cap (transposing, as above), and that output is converted back to safetensors under the cap.
+CONVERT_TO = textwrap.dedent(
+    """
+    import sys
+    import numpy
+    import weightbridge.api
+    kwargs = dict(format=sys.argv[3], max_shard_size="200MB")
+    if sys.argv[4] == "flax":
+        kwargs.update(renames=[r"^layers\\.(\\d+)\\.=layers_\\1/"], from_framework="pytorch",
+                      to_framework="flax")
+    report = weightbridge.api.convert(sys.argv[1], sys.argv[2], **kwargs)
+    print(report.summary())
+    """
+)
+
+
+@pytest.mark.parametrize("format", ["npz", "h5", "torch", "msgpack", "zarr"])
+def test_every_format_converts_both_ways_within_the_bound(tmp_path, format: str) -> None:
+    src = str(tmp_path / "src")
+    make_checkpoint(src)
+    code, out, _ = run_capped(["-c", BASELINE, src], None)
+    assert code == 0, out
+    base_data, base_anon = map(int, out.split())
+    cap = base_data + TENSOR + SLACK
+    bound = base_anon + TENSOR + SLACK
+
+    there, back = str(tmp_path / format), str(tmp_path / "back")
+    for args, what in (
+        ([src, there, format, "flax"], f"safetensors -> {format}"),
+        ([there, back, "safetensors", "same"], f"{format} -> safetensors"),
+    ):
+        code, out, peak = run_capped(["-c", CONVERT_TO, *args], cap, timeout=240)
+        assert code == 0, f"{what} failed under RLIMIT_DATA={cap / MB:.0f} MB:\n{out}"
+        assert peak <= bound, f"{what}: peak RssAnon {peak / MB:.0f} MB > {bound / MB:.0f} MB"
+    assert api.verify(src, there, format=format) == len(TENSORS)
+    assert api.verify(there, back) == len(TENSORS)

@@ -46,6 +46,7 @@ import math
 import os
 import re
 import shutil
+import sys
 import tempfile
 import threading
 from collections.abc import Iterator, Sequence
@@ -146,7 +147,41 @@ def _ts() -> Any:
     # import time.
     import tensorstore
 
+    _return_freed_blocks()
     return tensorstore
+
+
+# glibc's M_MMAP_THRESHOLD (malloc.h): allocations at least this large get their own mapping,
+# which free() returns to the kernel at once.
+_M_MMAP_THRESHOLD = -3
+_MMAP_THRESHOLD_BYTES = 4 << 20
+_MALLOC_TUNED = False
+
+
+def _return_freed_blocks() -> None:
+    """Make large freed blocks go back to the kernel (glibc only; once per process).
+
+    tensorstore copies each written block on one of its many threads; glibc keeps a heap per
+    thread and, once the first large block was freed, raises its mmap threshold to 32 MB, so
+    freed chunk buffers stay in those heaps. Measured on a 512 MB zarr conversion (64 MB
+    tensors): peak RssAnon 441 MB by default, 185 MB with a fixed 4 MB threshold
+    (tests/test_memory_bound.py holds it to the largest tensor + 256 MB).
+    """
+    global _MALLOC_TUNED
+    if _MALLOC_TUNED:
+        return
+    _MALLOC_TUNED = True
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None)
+        mallopt = getattr(libc, "mallopt", None)
+        if mallopt is not None:
+            mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_BYTES)
+    except OSError:  # not glibc (musl has no such knob): memory stays as the allocator keeps it
+        pass
 
 
 def _context() -> Any:
