@@ -306,9 +306,9 @@ def main() -> None:
 ALL_TARGETS = [*TARGETS, "json"]
 
 
-def _run_target(target: str, work: Path) -> subprocess.CompletedProcess[str]:
+def _run_target(script: str, target: str, work: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, __file__, target, str(work)],
+        [sys.executable, script, target, str(work)],
         capture_output=True,
         text=True,
         timeout=300,
@@ -316,17 +316,21 @@ def _run_target(target: str, work: Path) -> subprocess.CompletedProcess[str]:
     )
 
 
-@pytest.fixture(scope="module")
-def fuzzing(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    """Every target's child started at once (one per CPU): each is one process, so they overlap."""
-    root = tmp_path_factory.mktemp("fuzz")
-    pool = ThreadPoolExecutor(max_workers=min(len(ALL_TARGETS), os.cpu_count() or 2))
+def start_fuzzing(script: str, targets: list[str], root: Path) -> dict[str, Any]:
+    """Run `python script TARGET WORKDIR` for every target, all at once (one per CPU): each
+    is one process, so they overlap. Returns {target: (its work dir, future of the run)}."""
+    pool = ThreadPoolExecutor(max_workers=min(len(targets), os.cpu_count() or 2))
     runs = {}
-    for target in ALL_TARGETS:
+    for target in targets:
         (root / target).mkdir()
-        runs[target] = (root / target, pool.submit(_run_target, target, root / target))
+        runs[target] = (root / target, pool.submit(_run_target, script, target, root / target))
     pool.shutdown(wait=False)
     return runs
+
+
+@pytest.fixture(scope="module")
+def fuzzing(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    return start_fuzzing(__file__, ALL_TARGETS, tmp_path_factory.mktemp("fuzz"))
 
 
 @pytest.mark.parametrize("target", ALL_TARGETS)

@@ -30,7 +30,6 @@ import signal
 import subprocess
 import sys
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,6 +38,7 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
+from test_fuzz_readers import start_fuzzing  # the fuzzing children, one per CPU
 from test_hostile_inputs import MEMORY_CAP, run_jobs  # the capped child and its driver
 from test_io_tensorstore import BUCKET, s3  # noqa: F401  (s3: the moto S3 fixture)
 from test_io_tfcheckpoint import write_bundle  # a hand-built TF tensor bundle
@@ -977,27 +977,9 @@ def main() -> None:
     fuzz(target, work)
 
 
-def _run_target(target: str, work: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, __file__, target, str(work)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "PYTHONHASHSEED": "0"},
-    )
-
-
 @pytest.fixture(scope="module")
 def fuzzing(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    """Every target's child started at once, one per CPU."""
-    root = tmp_path_factory.mktemp("fuzz-ts")
-    pool = ThreadPoolExecutor(max_workers=min(len(FUZZ_TARGETS), os.cpu_count() or 2))
-    runs = {}
-    for target in FUZZ_TARGETS:
-        (root / target).mkdir()
-        runs[target] = (root / target, pool.submit(_run_target, target, root / target))
-    pool.shutdown(wait=False)
-    return runs
+    return start_fuzzing(__file__, list(FUZZ_TARGETS), tmp_path_factory.mktemp("fuzz-ts"))
 
 
 @pytest.mark.parametrize("target", FUZZ_TARGETS)

@@ -62,20 +62,29 @@ CONVERT = textwrap.dedent(
     """
 )
 
+
 # The baseline: interpreter, numpy and weightbridge imported, and the source's format detected
 # (which imports every format module), but no tensor data touched.
-BASELINE = textwrap.dedent(
-    """
-    import sys
-    import numpy
-    import weightbridge.api
-    import weightbridge.io
-    weightbridge.io.detect_format(sys.argv[1])
-    with open("/proc/self/status") as f:
-        fields = dict(line.split(":", 1) for line in f)
-    print(int(fields["VmData"].split()[0]) * 1024, int(fields["RssAnon"].split()[0]) * 1024)
-    """
-)
+def baseline_code(*modules: str) -> str:
+    """The baseline child's code, also importing `modules` (what the measured child imports)."""
+    imports = "".join(
+        f"import {m}\n" for m in ("numpy", "weightbridge.api", "weightbridge.io", *modules)
+    )
+    return (
+        "import sys\n"
+        + imports
+        + textwrap.dedent(
+            """
+        weightbridge.io.detect_format(sys.argv[1])
+        with open("/proc/self/status") as f:
+            fields = dict(line.split(":", 1) for line in f)
+        print(int(fields["VmData"].split()[0]) * 1024, int(fields["RssAnon"].split()[0]) * 1024)
+        """
+        )
+    )
+
+
+BASELINE = baseline_code()
 
 
 def random_array(rng: np.random.Generator, shape: tuple[int, ...], dtype: type) -> np.ndarray:

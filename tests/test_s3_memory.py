@@ -26,7 +26,7 @@ from safetensors.numpy import save_file
 
 # The helpers of the local memory test and the moto fixture of the tensorstore tests.
 from test_io_tensorstore import BUCKET, s3  # noqa: F401  (s3 is a fixture)
-from test_memory_bound import MB, SLACK, random_array, run_capped
+from test_memory_bound import MB, SLACK, baseline_code, random_array, run_capped
 
 import weightbridge.io.tensorstore as wts
 from weightbridge import api
@@ -63,20 +63,7 @@ CONVERT = textwrap.dedent(
 
 # The child's baseline: interpreter, numpy, weightbridge and tensorstore imported, the source's
 # format detected; no tensor data touched and no store opened.
-BASELINE = textwrap.dedent(
-    """
-    import sys
-    import numpy
-    import tensorstore
-    import weightbridge.api
-    import weightbridge.io
-    import weightbridge.io.tensorstore
-    weightbridge.io.detect_format(sys.argv[1])
-    with open("/proc/self/status") as f:
-        fields = dict(line.split(":", 1) for line in f)
-    print(int(fields["VmData"].split()[0]) * 1024, int(fields["RssAnon"].split()[0]) * 1024)
-    """
-)
+BASELINE = baseline_code("tensorstore", "weightbridge.io.tensorstore")
 
 
 def make_checkpoint(path: str) -> dict[str, np.ndarray]:

@@ -31,7 +31,6 @@ import queue
 import re
 import threading
 import time
-import zlib
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -505,11 +504,7 @@ def _fill_at_random(
     )
     for item in items:
         if item[0] == "release":
-            _, names, nbytes = item
-            for name in names:
-                reader.release(name)
-            if readahead is not None:
-                readahead.consumed(nbytes)
+            _release(reader, item[1], readahead)
         else:
             crc, size = item[2]
             checksum.combine(crc, size)
@@ -518,8 +513,18 @@ def _fill_at_random(
     return checksum.hexdigest()
 
 
+def _release(reader: Any, step: Step, readahead: Readahead | None) -> None:
+    """A step's tiles are all written: unmap its sources and let the read-ahead move on."""
+    for name in step.sources:
+        reader.release(name)
+    if readahead is not None:
+        readahead.consumed(sum(r.length for r in _step_ranges(reader, step)))
+
+
 def _crc(a: np.ndarray) -> int:
-    return zlib.crc32(np.ascontiguousarray(a).reshape(-1).view(np.uint8).data) if a.size else 0
+    h = Checksum()
+    _hash_array(h, a)
+    return h.crc
 
 
 def _fill_in_order(
@@ -561,11 +566,7 @@ def _fill_in_order(
                     if on_bytes:
                         on_bytes(step.target.nbytes)
                 elif kind == "release":
-                    _, names, nbytes = item
-                    for name in names:
-                        reader.release(name)
-                    if readahead is not None:
-                        readahead.consumed(nbytes)
+                    _release(reader, item[1], readahead)
         except BaseException as e:  # handed to the producer, which re-raises it
             failure.append(e)
             while items.get() is not None:  # unblock the producer
@@ -693,8 +694,7 @@ def _produce(
                     yield from ready()
                 del view
             del arrays
-            nbytes = sum(r.length for r in _step_ranges(reader, step))
-            window.append(("release", step.sources, nbytes))
+            window.append(("release", step))
             yield from ready()
         limit = 0
         yield from ready()

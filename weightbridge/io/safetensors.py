@@ -288,31 +288,20 @@ class SafetensorsWriter:
         if src.length != spec.nbytes or not hasattr(os, "copy_file_range"):
             return False
         self._f.flush()
-        out_fd = self._f.fileno()
+        out_off = self._f.tell()
         with open(src.path, "rb") as fin:
-            in_off, remaining = src.offset, src.length
-            out_off = self._f.tell()
-            while remaining:
-                try:
-                    n = os.copy_file_range(fin.fileno(), out_fd, remaining, in_off, out_off)
-                except OSError:
-                    n = 0
-                if n == 0:  # cross-device or unsupported: fall back to plain reads
-                    fin.seek(in_off)
-                    self._f.seek(out_off)
-                    while remaining:
-                        chunk = fin.read(min(remaining, 16 << 20))
-                        if not chunk:
-                            raise FormatError(
-                                f"{src.path}: unexpected end of file copying {name!r}"
-                            )
-                        self._f.write(chunk)
-                        remaining -= len(chunk)
-                    break
-                in_off += n
-                out_off += n
-                remaining -= n
-            self._f.seek(out_off)
+            done = _kernel_copy(fin.fileno(), self._f.fileno(), src.offset, out_off, src.length)
+            if done < src.length:  # cross-device or unsupported: plain reads for the rest
+                fin.seek(src.offset + done)
+                self._f.seek(out_off + done)
+                remaining = src.length - done
+                while remaining:
+                    chunk = fin.read(min(remaining, 16 << 20))
+                    if not chunk:
+                        raise FormatError(f"{src.path}: unexpected end of file copying {name!r}")
+                    self._f.write(chunk)
+                    remaining -= len(chunk)
+            self._f.seek(out_off + src.length)
         self._written += src.length
         self._start_writeback()
         return True
@@ -364,22 +353,8 @@ class SafetensorsWriter:
         if src.length != spec.nbytes or not hasattr(os, "copy_file_range"):
             return False
         with open(src.path, "rb") as fin:
-            done = 0
-            while done < src.length:
-                try:
-                    n = os.copy_file_range(
-                        fin.fileno(),
-                        self._f.fileno(),
-                        src.length - done,
-                        src.offset + done,
-                        offset + done,
-                    )
-                except OSError:
-                    n = 0
-                if n == 0:  # cross-device, unsupported, or a short source: the caller copies
-                    return False
-                done += n
-        return True
+            done = _kernel_copy(fin.fileno(), self._f.fileno(), src.offset, offset, src.length)
+        return done == src.length  # short: cross-device, unsupported, or a short source
 
     def _close_random(self) -> None:
         missing = [t.name for t in self._tensors if t.name not in self._touched and t.nbytes]
@@ -413,6 +388,21 @@ class SafetensorsWriter:
                 self._map.close()
             self._map = None
         self._f.close()
+
+
+def _kernel_copy(in_fd: int, out_fd: int, in_off: int, out_off: int, length: int) -> int:
+    """Copy bytes file to file with copy_file_range; returns how many the kernel copied
+    before it stopped (cross-device, unsupported, or the source ended)."""
+    done = 0
+    while done < length:
+        try:
+            n = os.copy_file_range(in_fd, out_fd, length - done, in_off + done, out_off + done)
+        except OSError:
+            n = 0
+        if n == 0:
+            break
+        done += n
+    return done
 
 
 Writer = SafetensorsWriter
