@@ -22,6 +22,8 @@ import pytest
 torch = pytest.importorskip("torch")
 jax = pytest.importorskip("jax")
 nn = pytest.importorskip("flax.linen")
+from torch_random import randomize_torch  # noqa: E402 (after the skips)
+
 jnp = jax.numpy
 tnn = torch.nn
 
@@ -34,20 +36,6 @@ RTOL, ATOL = 1e-4, 1e-5
 
 
 # --- helpers -------------------------------------------------------------------------------
-
-
-def randomize_torch(module: Any, seed: int = 0) -> Any:
-    """Random values in every parameter and float buffer (variances kept positive), eval mode."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, t in module.state_dict(keep_vars=True).items():
-            if not t.dtype.is_floating_point:
-                continue
-            if name.endswith("running_var"):
-                t.copy_(torch.rand(t.shape, generator=gen) + 0.5)
-            else:
-                t.copy_(torch.randn(t.shape, generator=gen) * 0.5)
-    return module.eval()
 
 
 def randomize_flax(variables: Any, seed: int = 0) -> Any:

@@ -22,6 +22,7 @@ os.environ.setdefault("KERAS_BACKEND", "torch")
 
 torch = pytest.importorskip("torch")
 keras = pytest.importorskip("keras")
+from torch_random import randomize_torch  # noqa: E402 (after the skips)
 
 import weightbridge  # noqa: E402
 
@@ -99,19 +100,6 @@ def randomize_keras(model: Any, seed: int) -> None:
         else:
             value = rng.standard_normal(w.shape) * 0.5
         w.assign(value.astype(np.float32))
-
-
-def randomize_torch(model: Any, seed: int) -> Any:
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, t in model.state_dict(keep_vars=True).items():
-            if not t.dtype.is_floating_point:
-                continue
-            if name.endswith("running_var"):
-                t.copy_(torch.rand(t.shape, generator=gen) + 0.5)
-            else:
-                t.copy_(torch.randn(t.shape, generator=gen) * 0.5)
-    return model.eval()
 
 
 def keras_weights(model: Any) -> dict[str, np.ndarray]:
