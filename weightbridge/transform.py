@@ -9,13 +9,21 @@ of whole rows along axis 0, so every writer can append it or store it at a row o
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 import numpy as np
 
 from weightbridge import dtypes
 from weightbridge.ops import Cast, Op, Reshape
 from weightbridge.spec import TensorSpec
+
+_transpose: Any
+try:  # the compiled kernel (setup.py); absent where no C compiler was found at install
+    from weightbridge import _transpose
+except ImportError:  # pragma: no cover - WEIGHTBRIDGE_NO_KERNEL tests the numpy path
+    _transpose = None
 
 # A tile of this many bytes keeps the tiles in flight (transform window + writer queue, about
 # eight) well under the 256 MB memory budget, splits a typical 30-100 MB weight into several
@@ -81,6 +89,8 @@ def blocked_copy(dst: np.ndarray, src: np.ndarray) -> None:
     if inner == last or (src.shape[inner] <= BLOCK and src.shape[last] <= BLOCK):
         np.copyto(dst, src, casting="unsafe")
         return
+    if src.dtype == dst.dtype and _kernel_copy(dst, src, inner, last):
+        return
     long_side, short_side = BLOCK, BLOCK
     if src.dtype == dst.dtype and src.dtype.itemsize in _UINT:
         bits = _UINT[src.dtype.itemsize]
@@ -93,6 +103,41 @@ def blocked_copy(dst: np.ndarray, src: np.ndarray) -> None:
             index[last] = slice(j, j + short_side)
             key = tuple(index)
             np.copyto(dst[key], src[key], casting="unsafe")
+
+
+def kernel_available() -> bool:
+    """Whether transposes run in the compiled kernel (else numpy's blocked copy)."""
+    return _transpose is not None and not os.environ.get("WEIGHTBRIDGE_NO_KERNEL")
+
+
+def _kernel_copy(dst: np.ndarray, src: np.ndarray, inner: int, last: int) -> bool:
+    """Transpose `src` into `dst` plane by plane in the C kernel; False if it does not apply.
+
+    A plane spans `inner` (contiguous in the source) and `last` (contiguous in `dst`); the
+    other axes are looped over here. The kernel gets raw addresses, so everything it relies on
+    is checked first: same item size, a writable C-contiguous `dst` of the same shape, and a
+    source whose `inner` stride is exactly one item.
+    """
+    item = src.dtype.itemsize
+    if (
+        not kernel_available()
+        or dst.shape != src.shape
+        or not dst.flags.c_contiguous
+        or not dst.flags.writeable
+        or dst.dtype.itemsize != item
+        or src.strides[inner] != item
+    ):
+        return False
+    rows, cols = src.shape[inner], src.shape[last]
+    dst_row, src_col = dst.strides[inner], src.strides[last]
+    dst_base = dst.__array_interface__["data"][0]
+    src_base = src.__array_interface__["data"][0]
+    outer = [a for a in range(src.ndim) if a not in (inner, last)]
+    for index in np.ndindex(*(src.shape[a] for a in outer)):
+        d = dst_base + sum(i * dst.strides[a] for i, a in zip(index, outer, strict=True))
+        s = src_base + sum(i * src.strides[a] for i, a in zip(index, outer, strict=True))
+        _transpose.transpose(d, s, rows, cols, dst_row, src_col, item)
+    return True
 
 
 def tiles(
