@@ -132,8 +132,8 @@ def test_readahead_stays_within_its_budget_and_stops(tmp_path) -> None:
     time.sleep(0.2)
     # One chunk within the budget, then it waits for consumption: still alive.
     assert ahead._thread.is_alive()
-    for _ in ranges:
-        ahead.consumed(1 << 20)
+    for r in ranges:
+        ahead.consumed([r])
     ahead._thread.join(5)
     assert not ahead._thread.is_alive()
     ahead.close()
@@ -142,6 +142,33 @@ def test_readahead_stays_within_its_budget_and_stops(tmp_path) -> None:
     started = time.perf_counter()
     waiting.close()
     assert time.perf_counter() - started < 2
+
+
+def test_readahead_drops_a_range_after_its_last_use(tmp_path, monkeypatch) -> None:
+    f = tmp_path / "data.bin"
+    f.write_bytes(os.urandom(3 << 20))
+    a, b, c = (ByteRange(str(f), i << 20, 1 << 20) for i in range(3))
+    dropped: list[tuple[int, int]] = []
+    real = os.posix_fadvise
+
+    def record(fd: int, offset: int, length: int, advice: int) -> None:
+        if advice == os.POSIX_FADV_DONTNEED:
+            dropped.append((offset, length))
+        real(fd, offset, length, advice)
+
+    monkeypatch.setattr(os, "posix_fadvise", record)
+    # `b` is used twice (a fused tensor split into two steps): cached until its second use.
+    with Readahead([a, b, b, c]) as ahead:
+        ahead.consumed([a, b])
+        assert dropped == [(a.offset, a.length)]
+        ahead.consumed([b])
+        assert dropped == [(a.offset, a.length), (b.offset, b.length)]
+        ahead.consumed([c])
+        assert dropped[-1] == (c.offset, c.length)
+    dropped.clear()
+    with Readahead([a], drop_behind=False) as ahead:
+        ahead.consumed([a])
+    assert dropped == []
 
 
 def test_readahead_ignores_what_it_cannot_read(tmp_path) -> None:

@@ -518,7 +518,7 @@ def _release(reader: Any, step: Step, readahead: Readahead | None) -> None:
     for name in step.sources:
         reader.release(name)
     if readahead is not None:
-        readahead.consumed(sum(r.length for r in _step_ranges(reader, step)))
+        readahead.consumed(_step_ranges(reader, step))
 
 
 def _crc(a: np.ndarray) -> int:
