@@ -353,6 +353,7 @@ def bench(work: str, size: int, skip_naive: bool, repeat: int) -> int:
     for attempt in range(repeat):
         for name, command in methods.items():
             out = os.path.join(work, "out")
+            shutil.rmtree(out, ignore_errors=True)  # left by an interrupted run in a reused --dir
             os.makedirs(out)
             cold()
             run = run_polled(command(out))
