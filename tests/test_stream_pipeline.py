@@ -255,3 +255,26 @@ def test_a_failed_commit_keeps_the_shards_before_it(tmp_path, monkeypatch) -> No
     assert report.skipped == committed
     assert calls[2] in report.written
     assert api.verify(src, out) == len(tensors)
+
+
+def test_convert_drops_the_source_from_the_cache_unless_told_to_keep_it(
+    tmp_path, monkeypatch
+) -> None:
+    from weightbridge.cli import main
+
+    src, tensors = _source(tmp_path)
+    dropped: list[str] = []
+    real = os.posix_fadvise
+
+    def record(fd: int, offset: int, length: int, advice: int) -> None:
+        if advice == os.POSIX_FADV_DONTNEED:
+            dropped.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real(fd, offset, length, advice)
+
+    monkeypatch.setattr(os, "posix_fadvise", record)
+    assert main(["convert", src, "-o", str(tmp_path / "dropped"), "-q"]) == 0
+    assert dropped.count(os.path.realpath(src)) == len(tensors)  # each tensor after its use
+    dropped.clear()
+    assert main(["convert", src, "-o", str(tmp_path / "kept"), "-q", "--keep-cache"]) == 0
+    assert os.path.realpath(src) not in dropped
+    assert api.verify(src, tmp_path / "kept") == len(tensors)

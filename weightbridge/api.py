@@ -154,6 +154,7 @@ def convert(
     overwrite: bool = False,
     progress: bool = False,
     dest_options: dict[str, Any] | None = None,
+    keep_cache: bool = False,
     **planning: Any,
 ) -> ConversionReport:
     """Plan (unless a plan is given) and stream `source` into the directory `dest`.
@@ -163,6 +164,8 @@ def convert(
     recheck it. When the plan keeps some of the target's own values (partial loading), `target`
     must be a checkpoint with data, which is read for them. `dest` may be an object-store URL
     (``s3://bucket/prefix``; `dest_options` takes ``endpoint``, ``aws_region``, ``step``).
+    `keep_cache` leaves the source in the page cache (by default each source tensor leaves it
+    after its last use).
     """
     source = os.fspath(source)
     with wio.open_reader(source) as reader:
@@ -182,6 +185,7 @@ def convert(
                 overwrite=overwrite,
                 progress=progress,
                 dest_options=dest_options,
+                keep_cache=keep_cache,
             )
     if all(op.kind != "apply" for s in the_plan.steps for op in s.ops):
         out = destination_for(dest, format=format, **(dest_options or {}))

@@ -180,6 +180,7 @@ def convert(
     overwrite: bool = False,
     progress: bool = False,
     dest_options: dict[str, Any] | None = None,
+    keep_cache: bool = False,
 ) -> ConversionReport:
     """Stream `source` through `plan` into `dest`, resuming an earlier run.
 
@@ -193,6 +194,9 @@ def convert(
         overwrite: replace the output of a different conversion found in `dest`.
         progress: show a tqdm progress bar by bytes.
         dest_options: for URL destinations: ``endpoint``, ``aws_region``, ``step`` (orbax), ...
+        keep_cache: leave the source in the page cache. By default each source tensor is
+            dropped from it after its last use (see `readahead`), which is faster and spares
+            the cache, unless other processes read the same source at the same time.
 
     Raises:
         PlanError: the plan does not fit the source.
@@ -224,7 +228,9 @@ def convert(
         bar = _progress_bar(
             plan.target.nbytes, sum(s.nbytes for s in shards if s.name in done), progress
         )
-        ahead = stack.enter_context(Readahead(_source_ranges(reader, todo)))
+        ahead = stack.enter_context(
+            Readahead(_source_ranges(reader, todo), drop_behind=not keep_cache)
+        )
         # Shards commit (fsync, rename, journal) on their own thread while the next one is
         # produced: an fsync waits for the disk, and the transforms need not wait with it.
         committer = stack.enter_context(
