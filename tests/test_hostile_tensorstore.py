@@ -38,13 +38,15 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_fuzz_readers import start_fuzzing  # the fuzzing children, one per CPU
+# The fuzzing children (one per CPU), and the per-example check they share: open both ways
+# under a timeout, read every tensor, end in success or a WeightbridgeError.
+from test_fuzz_readers import _alarm, check_file, start_fuzzing
 from test_hostile_inputs import MEMORY_CAP, run_jobs  # the capped child and its driver
 from test_io_tensorstore import BUCKET, s3  # noqa: F401  (s3: the moto S3 fixture)
 from test_io_tfcheckpoint import write_bundle  # a hand-built TF tensor bundle
 
 import weightbridge.io.tensorstore as wts
-from weightbridge.errors import FormatError, WeightbridgeError
+from weightbridge.errors import FormatError
 from weightbridge.io import msgpack as wmsgpack
 from weightbridge.io import open_reader
 
@@ -800,35 +802,7 @@ def test_keys_that_climb_out_of_an_s3_prefix_are_refused(s3: Any) -> None:  # no
 # A longer campaign: WEIGHTBRIDGE_FUZZ_EXAMPLES=5000 pytest tests/test_hostile_tensorstore.py
 EXAMPLES = int(os.environ.get("WEIGHTBRIDGE_FUZZ_EXAMPLES", "50"))
 FUZZ_SEED = os.environ.get("WEIGHTBRIDGE_FUZZ_SEED")  # unset: hypothesis's derandomized seed
-EXAMPLE_TIMEOUT = 10
 FUZZ_TARGETS = ["orbax-metadata", "zarray", "zarr3-json", "ocdbt-manifest"]
-
-
-class _Timeout(BaseException):
-    pass
-
-
-def _alarm(*_: Any) -> None:
-    raise _Timeout()
-
-
-def _read_all(path: Path) -> None:
-    """Open `path` both ways and read every tensor; fine when it ends in a WeightbridgeError."""
-    from weightbridge import dtypes
-
-    for opener in (wts.open_reader, open_reader):
-        signal.setitimer(signal.ITIMER_REAL, EXAMPLE_TIMEOUT)
-        try:
-            with opener(str(path)) as r:
-                for spec in r.specs():
-                    a = r.read(spec.name)
-                    assert a.shape == spec.shape and a.dtype == dtypes.to_numpy(spec.dtype)
-        except WeightbridgeError:
-            pass
-        except _Timeout:
-            raise AssertionError(f"{opener.__module__}.open_reader hung on {path}") from None
-        finally:
-            signal.setitimer(signal.ITIMER_REAL, 0)
 
 
 def _json_strategy() -> Any:
@@ -937,7 +911,7 @@ def fuzz(target: str, work: Path) -> None:
     def check(content: bytes) -> None:
         root = fresh(content)
         try:
-            _read_all(root)
+            check_file(root, "tensorstore")
         finally:
             shutil.rmtree(root)
 
