@@ -144,27 +144,34 @@ def test_readahead_stays_within_its_budget_and_stops(tmp_path) -> None:
     assert time.perf_counter() - started < 2
 
 
-def test_readahead_drops_a_range_after_its_last_use(tmp_path, monkeypatch) -> None:
-    f = tmp_path / "data.bin"
-    f.write_bytes(os.urandom(3 << 20))
-    a, b, c = (ByteRange(str(f), i << 20, 1 << 20) for i in range(3))
-    dropped: list[tuple[int, int]] = []
+@pytest.fixture
+def dropped(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, int, int]]:
+    """Every fadvise(DONTNEED) from now on, as (real path, offset, length); advice still given."""
+    calls: list[tuple[str, int, int]] = []
     real = os.posix_fadvise
 
     def record(fd: int, offset: int, length: int, advice: int) -> None:
         if advice == os.POSIX_FADV_DONTNEED:
-            dropped.append((offset, length))
+            calls.append((os.readlink(f"/proc/self/fd/{fd}"), offset, length))
         real(fd, offset, length, advice)
 
     monkeypatch.setattr(os, "posix_fadvise", record)
+    return calls
+
+
+def test_readahead_drops_a_range_after_its_last_use(tmp_path, dropped) -> None:
+    f = tmp_path / "data.bin"
+    f.write_bytes(os.urandom(3 << 20))
+    a, b, c = (ByteRange(str(f), i << 20, 1 << 20) for i in range(3))
+    path = os.path.realpath(f)
     # `b` is used twice (a fused tensor split into two steps): cached until its second use.
     with Readahead([a, b, b, c]) as ahead:
         ahead.consumed([a, b])
-        assert dropped == [(a.offset, a.length)]
+        assert dropped == [(path, a.offset, a.length)]
         ahead.consumed([b])
-        assert dropped == [(a.offset, a.length), (b.offset, b.length)]
+        assert dropped == [(path, a.offset, a.length), (path, b.offset, b.length)]
         ahead.consumed([c])
-        assert dropped[-1] == (c.offset, c.length)
+        assert dropped[-1] == (path, c.offset, c.length)
     dropped.clear()
     with Readahead([a], drop_behind=False) as ahead:
         ahead.consumed([a])
@@ -257,24 +264,15 @@ def test_a_failed_commit_keeps_the_shards_before_it(tmp_path, monkeypatch) -> No
     assert api.verify(src, out) == len(tensors)
 
 
-def test_convert_drops_the_source_from_the_cache_unless_told_to_keep_it(
-    tmp_path, monkeypatch
-) -> None:
+def test_convert_drops_the_source_from_the_cache_unless_told_to_keep_it(tmp_path, dropped) -> None:
     from weightbridge.cli import main
 
     src, tensors = _source(tmp_path)
-    dropped: list[str] = []
-    real = os.posix_fadvise
-
-    def record(fd: int, offset: int, length: int, advice: int) -> None:
-        if advice == os.POSIX_FADV_DONTNEED:
-            dropped.append(os.readlink(f"/proc/self/fd/{fd}"))
-        real(fd, offset, length, advice)
-
-    monkeypatch.setattr(os, "posix_fadvise", record)
+    source = os.path.realpath(src)
     assert main(["convert", src, "-o", str(tmp_path / "dropped"), "-q"]) == 0
-    assert dropped.count(os.path.realpath(src)) == len(tensors)  # each tensor after its use
+    paths = [p for p, _, _ in dropped]
+    assert paths.count(source) == len(tensors)  # each tensor after its use
     dropped.clear()
     assert main(["convert", src, "-o", str(tmp_path / "kept"), "-q", "--keep-cache"]) == 0
-    assert os.path.realpath(src) not in dropped
+    assert source not in [p for p, _, _ in dropped]
     assert api.verify(src, tmp_path / "kept") == len(tensors)
