@@ -93,7 +93,7 @@ class Readahead:
             self._cond.notify()
         if self._drop_behind:
             for r in last:
-                _fadvise(r, os.POSIX_FADV_DONTNEED)
+                _drop(r)
 
     def close(self) -> None:
         with self._cond:
@@ -141,7 +141,7 @@ class Readahead:
                         if sent == 0 and use_sendfile:  # the file is shorter than its header says
                             break
                     if not use_sendfile:
-                        _fadvise_willneed(fd, offset, n)
+                        _advise(fd, offset, n, "WILLNEED")
                         sent = n
                     offset += sent
                     ahead += sent
@@ -157,23 +157,23 @@ def _key(r: ByteRange) -> tuple[str, int, int]:
     return (r.path, r.offset, r.length)
 
 
-def _fadvise(r: ByteRange, advice: int) -> None:
-    """Advise on a range by path (advice only: errors are ignored)."""
+def _drop(r: ByteRange) -> None:
+    """Drop a range from the page cache, by path."""
     try:
         fd = os.open(r.path, os.O_RDONLY)
     except OSError:
         return
     try:
-        os.posix_fadvise(fd, r.offset, r.length, advice)
-    except OSError:
-        pass
+        _advise(fd, r.offset, r.length, "DONTNEED")
     finally:
         os.close(fd)
 
 
-def _fadvise_willneed(fd: int, offset: int, length: int) -> None:
+def _advise(fd: int, offset: int, length: int, advice: str) -> None:
+    """posix_fadvise(POSIX_FADV_<advice>) where the platform has it (not macOS); advice only,
+    so errors are ignored."""
     if hasattr(os, "posix_fadvise"):
         try:
-            os.posix_fadvise(fd, offset, length, os.POSIX_FADV_WILLNEED)
+            os.posix_fadvise(fd, offset, length, getattr(os, f"POSIX_FADV_{advice}"))
         except OSError:
             pass

@@ -31,9 +31,9 @@ except ImportError:  # pragma: no cover - WEIGHTBRIDGE_NO_KERNEL tests the numpy
 # overhead disappears against the disk's bandwidth.
 TILE_BYTES = 16 << 20
 
-# Without the compiled kernel (see _transpose.c, which is 2-3x faster), blocks a transposing
-# copy moves at a time: BLOCK_LONG elements along the source's contiguous
-# axis by BLOCK_SHORT along the output's last axis. Tall and narrow beats square: each block
+# Without the compiled kernel (_transpose.c, 2-3x faster), the blocks a transposing copy moves
+# at a time: BLOCK_LONG elements along the source's contiguous axis by BLOCK_SHORT along the
+# output's last axis. Tall and narrow beats square: each block
 # reads 16 short runs of the source and writes 1024 runs of 16 elements, which keeps both the
 # cache lines and the TLB entries it touches few. Measured on the 2-core test machine
 # (5632x2048, same-dtype copy on integer views): 128x128 0.3-0.9 GB/s, 1024x16 1.25 GB/s for
