@@ -22,8 +22,13 @@ def framework_of(obj: Any) -> str | None:
     if "jax" in sys.modules:
         import jax
 
-        if isinstance(leaf, (jax.Array, jax.ShapeDtypeStruct)):
+        kinds = (jax.Array, jax.ShapeDtypeStruct)
+        if isinstance(leaf, kinds):
             return "jax"
+        if not isinstance(obj, dict) and any(
+            isinstance(x, kinds) for x in jax.tree_util.tree_leaves(obj)
+        ):
+            return "jax"  # a pytree whose first leaf is not an array (an nnx.State, a tuple)
     return None
 
 

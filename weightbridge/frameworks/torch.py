@@ -48,6 +48,49 @@ def spec_from_torch(obj: Any) -> CheckpointSpec:
     return CheckpointSpec.of(tensors)
 
 
+def memory_key(t: Any) -> tuple[Any, ...] | None:
+    """Equal for two tensors exactly when they are the same elements of the same memory.
+
+    Storage, offset, shape, stride and dtype must all agree: a slice or a transposed view of
+    a tensor is not an alias of it. Meta and empty tensors have no memory and no key.
+
+    >>> w = torch.zeros(3, 2)
+    >>> memory_key(w) == memory_key(w.detach()), memory_key(w) == memory_key(w.t())
+    (True, False)
+    """
+    if t.device.type == "meta" or t.numel() == 0 or t.layout != torch.strided:
+        return None
+    return (
+        str(t.device),
+        t.untyped_storage().data_ptr(),
+        t.storage_offset(),
+        tuple(t.shape),
+        tuple(t.stride()),
+        t.dtype,
+    )
+
+
+def tied_names(module: Any) -> list[list[str]]:
+    """State-dict names that hold the same parameter or buffer object (tied weights).
+
+    Found by identity, so it works on the meta device too, where tensors have no memory.
+
+    >>> m = torch.nn.ModuleDict({"a": torch.nn.Linear(2, 2), "b": torch.nn.Linear(2, 2)})
+    >>> m["b"].weight = m["a"].weight
+    >>> tied_names(m)
+    [['a.weight', 'b.weight']]
+    """
+    names = set(module.state_dict(keep_vars=True))
+    groups: dict[int, list[str]] = {}
+    for name, t in [
+        *module.named_parameters(remove_duplicate=False),
+        *module.named_buffers(remove_duplicate=False),
+    ]:
+        if name in names and t is not None:
+            groups.setdefault(id(t), []).append(name)
+    return [g for g in groups.values() if len(g) > 1]
+
+
 def to_numpy(t: Any) -> np.ndarray:
     """A CPU numpy array of a tensor; bf16 goes through a same-size integer view (no rounding)."""
     t = t.detach().cpu()
