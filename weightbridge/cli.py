@@ -141,7 +141,10 @@ def cmd_convert(args: argparse.Namespace) -> int:
         keep_cache=args.keep_cache,
     )
     print(report.summary())
-    if plan.notes or plan.unused:
+    layout = [n for n in plan.notes if n.startswith("layout:")]
+    for note in layout:
+        print(f"note: {note}")
+    if len(plan.notes) > len(layout) or plan.unused:
         print(plan.summary())
     return 0
 
@@ -206,9 +209,16 @@ def build_parser() -> argparse.ArgumentParser:
             "--like", help="target: a spec JSON file or a checkpoint whose layout to produce"
         )
         s.add_argument(
-            "--from", dest="from_framework", help="source framework: pytorch, flax, keras, ..."
+            "--from",
+            dest="from_framework",
+            help="source framework: pytorch, flax, haiku, keras, tensorflow (with --to and no "
+            "--like: inferred from the names when they leave no doubt)",
         )
-        s.add_argument("--to", dest="to_framework", help="target framework")
+        s.add_argument(
+            "--to",
+            dest="to_framework",
+            help="target framework; without --like, renames and transposes by its conventions",
+        )
         s.add_argument(
             "--rename",
             action="append",
