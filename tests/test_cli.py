@@ -23,7 +23,8 @@ def run(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
 def test_demo_converts_verifies_and_compares_outputs(tmp_path) -> None:
     out = run("demo", "--dir", str(tmp_path)).stdout
     assert "verified 6 tensors" in out
-    assert "max |difference| = 0.00e+00" in out
+    diff = float(out.split("max |difference| = ")[1].split()[0])
+    assert diff <= 1e-9  # float64 sums in two orders; a mispaired weight would differ by ~1
     assert (tmp_path / "converted" / "model.safetensors.index.json").exists()
 
 

@@ -75,6 +75,9 @@ class Case:
     flax_model: Callable[[], Any]
     make_input: Callable[[np.random.Generator], np.ndarray]  # in Flax's layout
     channels_last_io: bool = False  # torch takes/gives channels-first
+    # What metadata cannot show and the matcher refuses to guess (see test_certain_or_refuse):
+    # the flatten order of a dense layer after a conv stack, the orientation of square kernels.
+    hints: tuple[tuple[str, str], ...] = ()
 
     def torch_forward(self, model: Any, x: np.ndarray) -> np.ndarray:
         xt = channels_first(x) if self.channels_last_io else x
@@ -438,7 +441,13 @@ CASES = [
         for cin, cout in ((3, 4), (4, 4))
     ),
     Case("embed", lambda: TorchEmbed(12, 8), lambda: FlaxEmbed(12, 8), _tokens(12)),
-    Case("embed_square", lambda: TorchEmbed(8, 8), lambda: FlaxEmbed(8, 8), _tokens(8)),
+    Case(
+        "embed_square",
+        lambda: TorchEmbed(8, 8),
+        lambda: FlaxEmbed(8, 8),
+        _tokens(8),
+        hints=(("@transpose", "yes"),),  # every 2-D weight is square: nothing shows [out, in]
+    ),
     Case("layernorm", TorchLayerNorm, FlaxLayerNorm, _floats(3, 6)),
     Case("batchnorm", TorchBatchNorm, FlaxBatchNorm, _floats(2, 8, 7, 3), True),
     Case("groupnorm", TorchGroupNorm, FlaxGroupNorm, _floats(2, 7, 6, 3), True),
@@ -449,6 +458,7 @@ CASES = [
         lambda: FlaxConvFlattenDense(None),
         _floats(2, 6, 6, 3),
         True,
+        hints=(("@flatten", "nhwc"),),  # FlaxConvFlattenDense flattens NHWC directly
     ),
     Case(
         "conv_flatten_mlp_head",
@@ -456,6 +466,7 @@ CASES = [
         lambda: FlaxConvFlattenDense(16),
         _floats(2, 6, 6, 3),
         True,
+        hints=(("@flatten", "nhwc"),),  # FlaxConvFlattenDense flattens NHWC directly
     ),
     Case(
         "conv_flatten_dense_nonsquare",
@@ -463,9 +474,16 @@ CASES = [
         lambda: FlaxConvFlattenDense(None),
         _floats(2, 6, 7, 3),
         True,
+        hints=(("@flatten", "nhwc"),),  # FlaxConvFlattenDense flattens NHWC directly
     ),
     Case("transformer", TorchTransformer, FlaxTransformer, _floats(2, 5, E)),
-    Case("mhdpa_dense_general", TorchSeparateProjections, FlaxMHDPA, _floats(2, 5, E)),
+    Case(
+        "mhdpa_dense_general",
+        TorchSeparateProjections,
+        FlaxMHDPA,
+        _floats(2, 5, E),
+        hints=(("@transpose", "yes"),),  # four square [E, E] projections: no orientation shown
+    ),
 ]
 
 IDS = [c.name for c in CASES]
@@ -483,7 +501,7 @@ def test_torch_to_flax(case: Case) -> None:
     fmodel = case.flax_model()
     shapes = jax.eval_shape(fmodel.init, jax.random.key(0), x)
     variables = weightbridge.adapt(
-        tmodel.state_dict(), shapes, in_format="pytorch", out_format="flax"
+        tmodel.state_dict(), shapes, in_format="pytorch", out_format="flax", hints=case.hints
     )
     np.testing.assert_allclose(
         np.asarray(fmodel.apply(variables, x)),
@@ -504,7 +522,7 @@ def test_flax_to_torch(case: Case) -> None:
     assert_all_distinct([np.asarray(v) for v in jax.tree_util.tree_leaves(variables)])
     tmodel = case.torch_model().eval()
     state = weightbridge.adapt(
-        variables, tmodel.state_dict(), in_format="flax", out_format="pytorch"
+        variables, tmodel.state_dict(), in_format="flax", out_format="pytorch", hints=case.hints
     )
     tmodel.load_state_dict(state)
     np.testing.assert_allclose(
@@ -524,12 +542,12 @@ def test_frameworks_guessed_from_names(name: str) -> None:
     tmodel = randomize_torch(case.torch_model(), seed=5)
     fmodel = case.flax_model()
     variables = weightbridge.adapt(
-        tmodel.state_dict(), jax.eval_shape(fmodel.init, jax.random.key(0), x)
+        tmodel.state_dict(), jax.eval_shape(fmodel.init, jax.random.key(0), x), hints=case.hints
     )
     want = case.torch_forward(tmodel, x)
     np.testing.assert_allclose(np.asarray(fmodel.apply(variables, x)), want, rtol=RTOL, atol=ATOL)
     fresh = case.torch_model().eval()
-    fresh.load_state_dict(weightbridge.adapt(variables, fresh.state_dict()))
+    fresh.load_state_dict(weightbridge.adapt(variables, fresh.state_dict(), hints=case.hints))
     np.testing.assert_allclose(case.torch_forward(fresh, x), want, rtol=RTOL, atol=ATOL)
 
 
@@ -559,7 +577,12 @@ def test_streaming_torch_safetensors_to_flax(tmp_path: Any, name: str) -> None:
     spec = api.spec_of(jax.eval_shape(fmodel.init, jax.random.key(0), x))
     assert all("/" in n for n in spec.names)
     report = api.convert(
-        src, tmp_path / "out", target=spec, from_framework="pytorch", to_framework="flax"
+        src,
+        tmp_path / "out",
+        target=spec,
+        from_framework="pytorch",
+        to_framework="flax",
+        hints=case.hints,
     )
     assert report is not None
     flat: dict[str, np.ndarray] = {}
@@ -574,3 +597,29 @@ def test_streaming_torch_safetensors_to_flax(tmp_path: Any, name: str) -> None:
         atol=ATOL,
     )
     assert api.verify(src, tmp_path / "out") == len(spec)
+
+
+@pytest.mark.parametrize(
+    "name", [c.name for c in CASES if c.hints], ids=[c.name for c in CASES if c.hints]
+)
+def test_check_decides_what_the_hints_said(name: str) -> None:
+    """Every case that needs a hint (flatten order, square kernels) is decided instead by
+    running both models: adapt(..., check=(their_apply, my_apply, x)) with no hint."""
+    case = next(c for c in CASES if c.name == name)
+    x = case.make_input(np.random.default_rng(8))
+    tmodel = randomize_torch(case.torch_model(), seed=9)
+    fmodel = case.flax_model()
+    shapes = jax.eval_shape(fmodel.init, jax.random.key(0), x)
+    with pytest.raises(weightbridge.MatchError):
+        weightbridge.adapt(tmodel.state_dict(), shapes)
+
+    def their_apply(state: Any, x: np.ndarray) -> np.ndarray:
+        return case.torch_forward(tmodel, x)  # `state` is tmodel's own state dict
+
+    def my_apply(variables: Any, x: np.ndarray) -> np.ndarray:
+        return np.asarray(fmodel.apply(variables, x))
+
+    variables = weightbridge.adapt(tmodel.state_dict(), shapes, check=(their_apply, my_apply, x))
+    np.testing.assert_allclose(
+        my_apply(variables, x), case.torch_forward(tmodel, x), rtol=RTOL, atol=ATOL
+    )

@@ -80,7 +80,11 @@ def test_vit_fused_qkv_to_separate_projections_and_back() -> None:
         for p in ("q", "k", "v", "out")
         for leaf in ("weight", "bias")
     }
-    got = weightbridge.adapt(fused, separate)
+    # Only the fused qkv (with its bias) shows an orientation; the all-square target shows
+    # none, so the matcher refuses until told, and names the hint.
+    with pytest.raises(weightbridge.MatchError, match="@transpose"):
+        weightbridge.adapt(fused, separate)
+    got = weightbridge.adapt(fused, separate, hints=[("@transpose", "no")])
     x = rng.standard_normal((2, 4, e)).astype(np.float32)
     w, b = fused["blocks.0.attn.qkv.weight"], fused["blocks.0.attn.qkv.bias"]
     want = _attention(
@@ -96,7 +100,9 @@ def test_vit_fused_qkv_to_separate_projections_and_back() -> None:
         heads,
     )
     np.testing.assert_allclose(mine, want, atol=1e-5)
-    back = weightbridge.adapt(got, {k: np.zeros_like(v) for k, v in fused.items()})
+    back = weightbridge.adapt(
+        got, {k: np.zeros_like(v) for k, v in fused.items()}, hints=[("@transpose", "no")]
+    )
     for k in fused:
         np.testing.assert_array_equal(back[k], fused[k])
 
@@ -221,7 +227,11 @@ import sys, json
 import weightbridge.api as api
 from weightbridge.spec import CheckpointSpec
 target = CheckpointSpec.from_json(json.load(open(sys.argv[3])))
-report = api.convert(sys.argv[1], sys.argv[2], target=target, max_shard_size="300MB")
+# Every expert weight is square: nothing in the shapes shows their orientation, so say it.
+report = api.convert(
+    sys.argv[1], sys.argv[2], target=target, max_shard_size="300MB",
+    hints=[("@transpose", "yes")],
+)
 print(report.summary())
 """
 

@@ -449,17 +449,32 @@ def test_up_and_down_projections_told_apart_by_orientation() -> None:
         ("model.layers.0.mlp.down_proj.weight", (8, 32)),
     ]
     flax = sorted([("layers_0/mlp/wi/kernel", (8, 32)), ("layers_0/mlp/wo/kernel", (32, 8))])
-    plan = api.plan(spec(source), spec(flax), from_framework="pytorch", to_framework="flax")
+    # Shapes alone fit either way (a GPT-2 Conv1D stores [in, out] under torch names), and the
+    # sorted Flax names keep no order: refused, with the hint that decides.
+    with pytest.raises(MatchError, match="@transpose"):
+        api.plan(spec(source), spec(flax), from_framework="pytorch", to_framework="flax")
+    plan = api.plan(
+        spec(source),
+        spec(flax),
+        from_framework="pytorch",
+        to_framework="flax",
+        hints=[("@transpose", "yes")],
+    )
     assert sources_of(plan) == {
         "layers_0/mlp/wi/kernel": "model.layers.0.mlp.up_proj.weight",
         "layers_0/mlp/wo/kernel": "model.layers.0.mlp.down_proj.weight",
     }
-    torch_renamed = [("blocks.0.ffn.w1.weight", (32, 8)), ("blocks.0.ffn.w2.weight", (8, 32))]
+    # Both sides in definition order: only one orientation pairs the kernels in that order.
+    torch_renamed = [("blocks.0.ffn.w_in.weight", (32, 8)), ("blocks.0.ffn.proj.weight", (8, 32))]
     plan = api.plan(spec(source), spec(torch_renamed))
     assert sources_of(plan) == {
-        "blocks.0.ffn.w1.weight": "model.layers.0.mlp.up_proj.weight",
-        "blocks.0.ffn.w2.weight": "model.layers.0.mlp.down_proj.weight",
+        "blocks.0.ffn.w_in.weight": "model.layers.0.mlp.up_proj.weight",
+        "blocks.0.ffn.proj.weight": "model.layers.0.mlp.down_proj.weight",
     }
+    # Sorted names (w1 < w2) may or may not be definition order: nothing decides, so refused.
+    sorted_names = [("blocks.0.ffn.w1.weight", (32, 8)), ("blocks.0.ffn.w2.weight", (8, 32))]
+    with pytest.raises(MatchError, match="@transpose=no"):
+        api.plan(spec(source), spec(sorted_names))
 
 
 # --- scale -----------------------------------------------------------------------------------

@@ -32,8 +32,20 @@ class PlanError(WeightbridgeError):
     """A plan does not fit its checkpoints: stale, inconsistent, or its ops do not fit the shapes."""
 
 
+Hint = tuple[str, str]
+
+
 class MatchError(PlanError):
-    """Source and target tensors could not be paired without guessing."""
+    """Source and target tensors could not be paired without guessing.
+
+    `choices` lists what the matcher could not decide, as data: one entry per open decision,
+    each a tuple of alternatives, each alternative the hints that would choose it. Running
+    both models can decide between them (`weightbridge.frameworks.check`).
+    """
+
+    def __init__(self, message: str, choices: tuple[tuple[tuple[Hint, ...], ...], ...] = ()):
+        super().__init__(message)
+        self.choices = choices
 
 
 class RuleError(PlanError):

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Literal, Protocol
 
 from weightbridge.errors import PlanError
-from weightbridge.ops import Op, Permute
+from weightbridge.ops import Op, Permute, Reshape
 
 Framework = Literal["pytorch", "flax", "haiku", "tensorflow", "keras", "numpy"]
 FRAMEWORKS: tuple[str, ...] = ("pytorch", "flax", "haiku", "tensorflow", "keras", "numpy")
@@ -237,11 +237,15 @@ def leaf_role(
         return "var"
     if leaf in _MATRIX_LEAVES and rank >= 2:
         return "matrix"
-    if leaf in _SCALE_LEAVES and rank == 1:
-        return "scale"
+    if leaf in _SCALE_LEAVES and (rank == 1 or _one_axis(shape)):
+        return "scale"  # (1, 1, 1, C) too: ConvNeXt-V2's GRN gamma is timm's (C,) weight
     if leaf in _BIAS_LEAVES and rank >= 1:
         return "bias"  # rank 2 for DenseGeneral biases [heads, dim]
     return "param"
+
+
+def _one_axis(shape: tuple[int, ...]) -> bool:
+    return sum(d != 1 for d in shape) == 1
 
 
 # Buffers that carry no learned weights: dropped from a source, kept at their own value in a
@@ -276,7 +280,28 @@ def _keras3_role(index: int, rank: int, siblings: Mapping[str, object]) -> str:
 
 
 def is_embedding(name: str) -> bool:
-    return bool(_EMBEDDING.search(name))
+    """True for an embedding table (never transposed), judged by its own module's name: a
+    ``word_embeddings`` or ``wte`` table, or an ``embedding`` leaf; not ELECTRA's
+    ``embeddings_project`` or ALBERT's ``embedding_hidden_mapping_in``, which are projections.
+
+    >>> is_embedding("bert.embeddings.word_embeddings.weight"), is_embedding("embeddings.LayerNorm.weight")
+    (True, False)
+    >>> is_embedding("electra.embeddings_project.weight"), is_embedding("params/embed/embedding")
+    (False, True)
+    """
+    parts = [p for p in re.split(r"[./]", name.replace(":0", "")) if p]
+    if not parts:
+        return False
+    if parts[-1].lower() in ("embedding", "embeddings", "embeddings_0"):
+        return True
+    if len(parts) > 2 and parts[-2] == "vars":  # Keras 3: layers/<layer>/vars/<i>
+        parts = parts[:-2] + [parts[-1]]
+    module = parts[-2] if len(parts) > 1 else parts[-1]
+    return bool(_EMBEDDING.search(module)) and not _PROJECTION.search(module)
+
+
+# Module names that say "a projection", even when they also say "embedding".
+_PROJECTION = re.compile(r"(proj|mapping|dense|linear|fc|head|norm)", re.IGNORECASE)
 
 
 def layout_permutation(rank: int, src: str, dst: str) -> tuple[Op, ...]:
@@ -297,87 +322,164 @@ def fit_ops(
     src_family: str,
     dst_family: str,
     *,
+    transpose2d: bool | None = None,
     flatten_channels: int | None = None,
 ) -> tuple[Op, ...] | None:
-    """Ops that turn `src` into `tgt`'s shape under the two layouts, or None if nothing fits.
+    """Ops that turn `src` into `tgt`'s shape by a named layout rule, or None if no rule does.
 
-    The layout change is tried first for kernels (identity first for embeddings); a trailing
-    reshape covers ``(8, 8)`` vs ``(64,)``; a dense kernel of rank 3 (Flax ``DenseGeneral``,
-    ``[in, heads, dim]``) is split into 2-D at the one point that makes the shapes agree.
+    The rules form a closed set; "some reshape makes the shapes fit" is never one of them:
+    - a 2-D kernel is transposed exactly when `transpose2d` says so (a property of the whole
+      checkpoint, decided by the matcher; by default, when the families differ);
+    - a conv kernel of rank >= 3 is permuted between ``[O, I, *k]`` and ``[*k, I, O]``;
+    - a depthwise kernel: Keras ``(h, w, C, M)`` <-> torch ``(C*M, 1, h, w)`` <-> Flax
+      ``(h, w, 1, C*M)``;
+    - a DenseGeneral kernel (``[in, heads, dim]``, ``[heads, dim, out]``) is a 2-D kernel with
+      adjacent axes split or merged;
+    - the dense layer after a flatten regroups its input axis (only with `flatten_channels`);
+    - size-1 axes may be added or dropped (``(1, 1, 1, C)`` vs ``(C,)``);
+    - a tensor with no layout (bias, norm scale, statistics, unknown parameter) may have
+      adjacent axes split or merged (``(8, 8)`` vs ``(64,)``); an embedding table may not be
+      transposed.
 
     >>> from weightbridge.spec import TensorSpec
     >>> fit_ops(TensorSpec("q.weight", (8, 4), "F32"), TensorSpec("q/kernel", (4, 2, 4), "F32"),
     ...         "matrix", "pytorch", "flax")
     (Permute(axes=(1, 0)), Reshape(shape=(4, 2, 4)))
+    >>> fit_ops(TensorSpec("w", (2, 3), "F32"), TensorSpec("w", (3, 2), "F32"),
+    ...         "matrix", "pytorch", "pytorch") is None  # never a reshape standing in for .T
+    True
     """
-    from weightbridge.ops import Reshape
-
     s_shape, t_shape = tuple(src.shape), tuple(tgt.shape)
     if math.prod(s_shape) != math.prod(t_shape):
         return None
-    candidates: list[tuple[Op, ...]] = []
-    families_differ = (src_family in _OUT_IN) != (dst_family in _OUT_IN)
-    if role == "matrix" and families_differ:
-        depthwise = _keras_depthwise_to_torch(s_shape, t_shape, src_family)
-        if depthwise:
-            candidates.append(depthwise)
-        if flatten_channels:
-            candidates.append(_flatten_order_ops(s_shape, flatten_channels, src_family in _OUT_IN))
-        permuted = layout_permutation(len(s_shape), src_family, dst_family)
-        dense = _dense_general_candidates(s_shape, t_shape)
-        if is_embedding(src.name) or is_embedding(tgt.name):
-            candidates += [(), permuted, *dense]
-        elif len(s_shape) != len(t_shape) and dense:
-            candidates += [*dense, permuted]
-        else:
-            candidates += [permuted, *dense]
-    else:
-        candidates.append(())
-    for ops in candidates:
+    if transpose2d is None:
+        transpose2d = (src_family in _OUT_IN) != (dst_family in _OUT_IN)
+    embedding = is_embedding(src.name) or is_embedding(tgt.name)
+    if role != "matrix" or (
+        embedding and len(_squeezed(s_shape)) <= 2 and len(_squeezed(t_shape)) <= 2
+    ):
+        if s_shape == t_shape:
+            return ()
+        if role == "matrix":  # an embedding table: only size-1 axes may change
+            return (Reshape(t_shape),) if _squeezed(s_shape) == _squeezed(t_shape) else None
+        return (Reshape(t_shape),) if is_regroup(s_shape, t_shape) else None
+    for ops in _matrix_rules(
+        s_shape, t_shape, src_family, dst_family, transpose2d, flatten_channels
+    ):
         if _shape_after(s_shape, ops) == t_shape:
             return ops
-    first = candidates[0]
-    return (*first, Reshape(t_shape))
+    return None
 
 
-def _keras_depthwise_to_torch(
-    s_shape: tuple[int, ...], t_shape: tuple[int, ...], src_family: str
-) -> tuple[Op, ...] | None:
-    """Keras depthwise ``(h, w, C, M)`` -> torch ``(C*M, 1, h, w)``: output channel c*M + m.
-
-    Merging C and M first (Flax's ``(h, w, 1, C*M)``) keeps that channel order; permuting first
-    would interleave them the other way.
-    """
-    from weightbridge.ops import Reshape
-
-    if src_family in _OUT_IN or len(s_shape) != 4 or len(t_shape) != 4:
-        return None
-    h, w, c, m = s_shape
-    if m == 1 or c == 1 or t_shape != (c * m, 1, h, w):
-        return None
-    return (Reshape((h, w, 1, c * m)), Permute((3, 2, 0, 1)))
-
-
-def _dense_general_candidates(
-    s_shape: tuple[int, ...], t_shape: tuple[int, ...]
+def _matrix_rules(
+    s: tuple[int, ...],
+    t: tuple[int, ...],
+    src_family: str,
+    dst_family: str,
+    transpose2d: bool,
+    flatten_channels: int | None,
 ) -> list[tuple[Op, ...]]:
-    """Reshape to 2-D at some split, transpose, reshape: DenseGeneral <-> Linear kernels."""
-    from weightbridge.ops import Reshape
-
+    """Candidate ops for a kernel, each from one named rule, most specific first."""
+    t2d: tuple[Op, ...] = (Permute((1, 0)),) if transpose2d else ()
+    if flatten_channels and len(s) == 2 and len(t) == 2:
+        return [_flatten_order_ops(s, flatten_channels, src_family in _OUT_IN)]
     out: list[tuple[Op, ...]] = []
-    for k in range(1, len(s_shape)):
-        two_d = (math.prod(s_shape[:k]), math.prod(s_shape[k:]))
-        ops: tuple[Op, ...] = (
-            (Permute((1, 0)),) if two_d == s_shape else (Reshape(two_d), Permute((1, 0)))
-        )
-        flipped = (two_d[1], two_d[0])
-        if flipped == t_shape:
+    if len(s) == len(t) == 2:
+        out.append(t2d)
+    if len(s) >= 3 and len(t) >= 3:
+        depthwise = _depthwise(s, t, src_family, dst_family)
+        if depthwise is not None:
+            out.append(depthwise)
+        perm = layout_permutation(len(s), src_family, dst_family)
+        out.append(perm)
+        if len(s) == len(t):
+            return out
+    # 1x1 convs as dense kernels (and back): the conv rule on the conv side, size-1 axes dropped.
+    if len(s) >= 3 and _squeezed(s) != s:
+        perm = layout_permutation(len(s), src_family, dst_family)
+        after = _shape_after(s, perm)
+        if _squeezed(after) == _squeezed(t):
+            out.append((*perm, Reshape(t)))
+    if len(s) == 2 and len(t) >= 3 and _squeezed(_shape_after(s, t2d)) == _squeezed(t):
+        out.append((*t2d, Reshape(t)))
+    out += _dense_general(s, t, transpose2d)
+    return out
+
+
+def _squeezed(shape: tuple[int, ...]) -> tuple[int, ...]:
+    return tuple(d for d in shape if d != 1)
+
+
+def is_regroup(a: tuple[int, ...], b: tuple[int, ...]) -> bool:
+    """True if one shape is the other with adjacent axes merged (size-1 axes ignored).
+
+    >>> is_regroup((8, 8), (64,)), is_regroup((1, 8, 8), (8, 8)), is_regroup((2, 6), (3, 4))
+    (True, True, False)
+    """
+    a, b = _squeezed(a), _squeezed(b)
+    if len(a) < len(b):
+        a, b = b, a
+    i = 0
+    for d in b:
+        prod = 1
+        while prod < d and i < len(a):
+            prod *= a[i]
+            i += 1
+        if prod != d:
+            return False
+    return i == len(a)
+
+
+def _depthwise(
+    s: tuple[int, ...], t: tuple[int, ...], src_family: str, dst_family: str
+) -> tuple[Op, ...] | None:
+    """Depthwise kernels: Keras ``(h, w, C, M)``, Flax ``(h, w, 1, C*M)``, torch ``(C*M, 1, h, w)``.
+
+    Output channel ``c*M + m`` everywhere: merging C and M (Flax's layout) keeps that order,
+    permuting first would interleave them the other way.
+    """
+    if len(s) != 4 or len(t) != 4:
+        return None
+    src_torch, dst_torch = src_family in _OUT_IN, dst_family in _OUT_IN
+    if not src_torch and dst_torch:
+        h, w, c, m = s
+        if t == (c * m, 1, h, w) and (c, m) != (1, c * m):
+            return (Reshape((h, w, 1, c * m)), Permute((3, 2, 0, 1)))
+    if src_torch and not dst_torch:
+        cm, one, h, w = s
+        if one == 1 and t[:2] == (h, w) and t[2] * t[3] == cm and t[2] != 1:
+            return (Permute((2, 3, 1, 0)), Reshape(t))
+    same_family = not src_torch and not dst_torch
+    if (
+        same_family
+        and s[:2] == t[:2]
+        and s != t
+        and ((s[2] == 1 and t[2] * t[3] == s[3]) or (t[2] == 1 and s[2] * s[3] == t[3]))
+    ):
+        return (Reshape(t),)
+    return None
+
+
+def _dense_general(
+    s: tuple[int, ...], t: tuple[int, ...], transpose2d: bool
+) -> list[tuple[Op, ...]]:
+    """DenseGeneral <-> Linear kernels: merge adjacent axes to 2-D, transpose as the checkpoint
+    does, split adjacent axes again. Only where one side is 2-D and the other is not."""
+    if sorted((len(s), len(t))) != [2, 3] and not (len(s) == 3 and len(t) == 3 and s != t):
+        return []
+    out: list[tuple[Op, ...]] = []
+    for k in range(1, len(s)):
+        two_d = (math.prod(s[:k]), math.prod(s[k:]))
+        want = (two_d[1], two_d[0]) if transpose2d else two_d
+        for j in range(1, len(t)):
+            if (math.prod(t[:j]), math.prod(t[j:])) != want:
+                continue
+            ops: tuple[Op, ...] = () if two_d == s else (Reshape(two_d),)
+            if transpose2d:
+                ops = (*ops, Permute((1, 0)))
+            if want != t:
+                ops = (*ops, Reshape(t))
             out.append(ops)
-            continue
-        for j in range(1, len(t_shape)):
-            if (math.prod(t_shape[:j]), math.prod(t_shape[j:])) == flipped:
-                out.append((*ops, Reshape(t_shape)))
-                break
     return out
 
 

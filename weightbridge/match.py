@@ -22,11 +22,11 @@ tensors (see the rules), or check hyperparameters other than what shapes reveal.
 
 from __future__ import annotations
 
+import functools
 import itertools
-import math
 import re
 from collections import Counter, defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -76,15 +76,51 @@ _SYNONYMS = {
 }
 
 
+# Whole name components that name a norm's *position* in a pre-norm transformer block, where
+# word overlap misleads: LLaMA's ``post_attention_layernorm`` is the norm before the MLP and
+# shares "attention" with Flax's ``pre_attn_norm``. Such a component becomes one concept token.
+# A concept claimed by two components on one side is no evidence (Gemma 2 has both
+# ``post_attention_layernorm`` and ``pre_feedforward_layernorm``), so the matcher refuses there.
+_POSITION_CONCEPTS = {
+    "@norm_attn": (
+        "input_layernorm|input_layer_norm|attention_norm|attn_norm|pre_attn_norm|"
+        "pre_attention_norm|pre_attention_layernorm|ln_1|ln1|layernorm_before|norm1|"
+        "self_attn_layer_norm|layer_norm1|attn_ln|ln_attn"
+    ),
+    "@norm_mlp": (
+        "post_attention_layernorm|ffn_norm|mlp_norm|pre_mlp_norm|pre_ffn_norm|pre_ffw_norm|"
+        "pre_feedforward_layernorm|ln_2|ln2|layernorm_after|norm2|final_layer_norm|"
+        "layer_norm2|mlp_ln|ln_mlp"
+    ),
+}
+_CONCEPT = {
+    phrase: concept for concept, alts in _POSITION_CONCEPTS.items() for phrase in alts.split("|")
+}
+
+
+@functools.lru_cache(maxsize=1 << 16)
 def tokens(name: str) -> frozenset[str]:
     """Normalised word tokens of a name (digits dropped, synonyms folded).
 
     >>> sorted(tokens("encoder.layer.0.attention.self.query"))
     ['attn', 'encoder', 'layer', 'q']
+    >>> sorted(tokens("layers.0.post_attention_layernorm"))
+    ['@norm_mlp', 'attn', 'layer', 'norm', 'post']
     """
-    name = re.sub(r"([a-z])([A-Z])", r"\1_\2", name.replace(":0", ""))
-    words = [w for w in re.split(r"[^a-zA-Z]+", name.lower()) if w]
-    return frozenset(_SYNONYMS.get(w, w) for w in words)
+    name = name.replace(":0", "")
+    out: set[str] = set()
+    for part in _SEPARATORS.split(name):
+        part = _CAMEL.sub(r"\1_\2", part).lower()
+        concept = _CONCEPT.get(part)
+        if concept:
+            out.add(concept)
+        out.update(_SYNONYMS.get(w, w) for w in _NON_LETTERS.split(part) if w)
+    return frozenset(out)
+
+
+_SEPARATORS = re.compile(r"[./~]")
+_CAMEL = re.compile(r"([a-z])([A-Z])")
+_NON_LETTERS = re.compile(r"[^a-z]+")
 
 
 def natural_key(name: str) -> tuple[object, ...]:
@@ -107,6 +143,7 @@ class Node:
     sig: frozenset[tuple[object, int]] | None = field(default=None, repr=False)
     rsig: frozenset[tuple[object, int]] | None = field(default=None, repr=False)
     inner: dict[str, set[object] | None] | None = field(default=None, repr=False)
+    real: str | None = field(default=None, repr=False)  # see `real_path`
 
     @property
     def is_leaf(self) -> bool:
@@ -133,8 +170,14 @@ def _components(name: str) -> list[str]:
     return out or [name]
 
 
-def build_tree(specs: Sequence[TensorSpec], family: str, into: str | None = None) -> Node:
-    """The module tree of one side; `into` (the other side's layout) orients source kernels."""
+def build_tree(
+    specs: Sequence[TensorSpec],
+    family: str,
+    into: str | None = None,
+    transpose2d: bool | None = None,
+) -> Node:
+    """The module tree of one side; `into` (the other side's layout) orients source kernels,
+    `transpose2d` says whether its 2-D kernels are transposed on the way (see `orient`)."""
     root = Node("", "", 0)
     for i, spec in enumerate(specs):
         parts = _components(spec.name)
@@ -154,9 +197,19 @@ def build_tree(specs: Sequence[TensorSpec], family: str, into: str | None = None
         for child in node.children.values():
             if child.spec is not None:
                 child.role = leaf_role(child.name, child.spec.shape, siblings, family, child.path)
-                child.key = _oriented(child, family, into)
+    orient(root, family, into, transpose2d)
     _collapse(root)
     return root
+
+
+def orient(root: Node, family: str, into: str | None, transpose2d: bool | None) -> None:
+    """(Re)compute every leaf's oriented shape and drop the cached signatures."""
+    for node in _all_internal(root):
+        node.counts, node.sig, node.rsig, node.inner = {}, None, None, None
+        for child in node.children.values():
+            if child.spec is not None:
+                child.counts, child.sig, child.rsig = {}, None, None
+                child.key = _oriented(child, family, into, transpose2d)
 
 
 def _all_internal(node: Node) -> list[Node]:
@@ -181,15 +234,20 @@ def _collapse(node: Node) -> None:
             _collapse(c)
 
 
-def _oriented(leaf: Node, family: str, into: str | None) -> tuple[int, ...]:
+def _oriented(
+    leaf: Node, family: str, into: str | None, transpose2d: bool | None
+) -> tuple[int, ...]:
     """A leaf's shape as the other side would hold it (kernels permuted to its layout), with
     size-1 axes dropped: [32, 8] torch up_proj and [8, 32] Flax wi agree, and so up and down
     projections of the same size are told apart by orientation."""
     assert leaf.spec is not None
     shape = leaf.spec.shape
     if into is not None and leaf.role == "matrix" and not is_embedding(leaf.path):
-        for op in layout_permutation(len(shape), family, into):
-            shape = op.out_shape([shape])
+        if len(shape) == 2 and transpose2d is not None:
+            shape = shape[::-1] if transpose2d else shape
+        else:
+            for op in layout_permutation(len(shape), family, into):
+                shape = op.out_shape([shape])
     return tuple(d for d in shape if d != 1)
 
 
@@ -267,6 +325,7 @@ class Conflict:
 
     sources: list[Node]
     targets: list[Node]
+    why: str = "they have the same shapes, and neither names nor order tell which is which"
 
 
 @dataclass
@@ -283,6 +342,8 @@ class _Matcher:
         self.hints = list(hints)
         self.ordered = src_ordered and tgt_ordered
         self.result = MatchResult()
+        self.hints_used: set[Hint] = set()
+        self.bad_hints: list[str] = []
 
     def match(self, src: Sequence[Node], tgt: Sequence[Node], where: str) -> None:
         """Pair children by signature; where nesting differs, inline the largest unpaired
@@ -355,6 +416,26 @@ class _Matcher:
         else:
             self.match(list(s.children.values()), list(t.children.values()), t.path)
 
+    def pair_leftovers_by_hints(self) -> None:
+        """Hints also pair what is left over once the trees are matched, whose groups differ in
+        size (three tied copies of an embedding in a file against one table): the hinted one
+        is taken, the rest stay unpaired."""
+        r = self.result
+        for hint in self.hints:
+            if hint[0].startswith("@"):
+                continue
+            t_hit = _hint_hits(hint[0], r.unpaired_targets)
+            s_hit = [
+                s
+                for s in _hint_hits(hint[1], r.unpaired_sources)
+                if t_hit and _relaxed(s) == _relaxed(t_hit[0])
+            ]
+            if len(t_hit) == 1 and len(s_hit) == 1:
+                self.hints_used.add(hint)
+                r.pairs.append((s_hit[0], t_hit[0]))
+                r.unpaired_sources.remove(s_hit[0])
+                r.unpaired_targets.remove(t_hit[0])
+
     def match_leaves(self, src: list[Node], tgt: list[Node], where: str) -> None:
         for key in (_strict, _relaxed, _loose):
             groups_s: dict[object, list[Node]] = defaultdict(list)
@@ -380,52 +461,165 @@ class _Matcher:
         self.result.unpaired_targets += tgt
 
     def tie_break(self, ss: list[Node], ts: list[Node], where: str) -> list[tuple[Node, Node]]:
+        """Pair tied nodes (same signature) by evidence, or record a conflict.
+
+        Evidence, strongest first: the user's hints; index-like names (``layer.3`` and
+        ``layers_3``); a name-similarity assignment in which every pair is strictly the best
+        for both of its nodes; definition order when both sides kept it. Names and order must
+        not contradict each other: when they point to different assignments, it is a conflict.
+        """
         if len(ss) == 1:
             return [(ss[0], ts[0])]
         pairs: list[tuple[Node, Node]] = []
         ss, ts = list(ss), list(ts)
-        for t_sub, s_sub in self.hints:
-            t_hit = [t for t in ts if t_sub in t.path]
-            s_hit = [s for s in ss if s_sub in s.path]
+        for hint in self.hints:
+            t_hit = _hint_hits(hint[0], ts)
+            s_hit = _hint_hits(hint[1], ss)
+            if t_hit or s_hit:
+                self.hints_used.add(hint)
+            if len(t_hit) == len(ts) and len(s_hit) == len(ss):
+                continue  # names a parent of this whole group: a hint for another level
             if len(t_hit) == 1 and len(s_hit) == 1:
                 pairs.append((s_hit[0], t_hit[0]))
                 ss.remove(s_hit[0])
                 ts.remove(t_hit[0])
+            elif len(t_hit) > 1 or len(s_hit) > 1:
+                self.bad_hints.append(
+                    f"hint {hint[0]}={hint[1]} matches more than one tensor or module among "
+                    f"tied candidates: targets {[t.path for t in t_hit][:4]}, sources "
+                    f"{[s.path for s in s_hit][:4]}; make it longer (a full path works)"
+                )
         if len(ss) <= 1:
             return pairs + list(zip(ss, ts, strict=True))
-        if _index_like(ss) and _index_like(ts):
-            return pairs + list(
-                zip(
-                    sorted(ss, key=lambda n: natural_key(n.name)),
-                    sorted(ts, key=lambda n: natural_key(n.name)),
-                    strict=True,
+        for use_path in (False, True):  # layer.3 ~ layers_3; then layer.3.mlp ~ layers_3/mlp
+            if _index_like(ss, use_path=use_path) and _index_like(ts, use_path=use_path):
+                by_index = _index_pairs(ss, ts, use_path)
+                if by_index is not None:
+                    return pairs + by_index
+                self.result.conflicts.append(
+                    Conflict(ss, ts, "their numbers do not line up (one side skips some)")
                 )
-            )
-        if _index_like(ss, use_path=True) and _index_like(ts, use_path=True):
-            # Same-named modules in numbered parents (layer.3.intermediate vs layers_3/wi).
-            return pairs + list(
-                zip(
-                    sorted(ss, key=lambda n: natural_key(n.path)),
-                    sorted(ts, key=lambda n: natural_key(n.path)),
-                    strict=True,
-                )
-            )
-        best = _unique_best_assignment(ss, ts)
-        if best is not None:
-            return pairs + best
-        if self.ordered or (_index_like(ss) and self.ordered_tgt_names(ts)):
-            return pairs + list(
+                return pairs + self.provisional(ss, ts)
+        by_names = _unique_best_assignment(ss, ts)
+        by_order = (
+            list(
                 zip(
                     sorted(ss, key=lambda n: n.order),
                     sorted(ts, key=lambda n: n.order),
                     strict=True,
                 )
             )
+            if self.ordered
+            else None
+        )
+        if by_names is not None and by_order is not None:
+            same = {(id(a), id(b)) for a, b in by_names} == {(id(a), id(b)) for a, b in by_order}
+            if same or _names_decide(by_names, ss, ts):
+                return pairs + by_names
+            self.result.conflicts.append(
+                Conflict(ss, ts, "names and definition order point to different pairings")
+            )
+            return pairs + self.provisional(ss, ts)
+        chosen = by_names if by_names is not None else by_order
+        if chosen is not None:
+            return pairs + chosen
         self.result.conflicts.append(Conflict(ss, ts))
-        return pairs
+        return pairs + self.provisional(ss, ts)
 
-    def ordered_tgt_names(self, ts: list[Node]) -> bool:
-        return self.ordered
+    def provisional(self, ss: list[Node], ts: list[Node]) -> list[tuple[Node, Node]]:
+        """Descend into a refused group anyway, so that conflicts nested inside it are reported
+        in the same round (the tied subtrees have the same structure, so theirs are real)."""
+        for s, t in zip(ss, ts, strict=True):
+            if not s.is_leaf and not t.is_leaf:
+                inner = _Matcher(self.hints, self.ordered, self.ordered)
+                inner.match(list(s.children.values()), list(t.children.values()), t.path)
+                self.result.conflicts += inner.result.conflicts
+                self.hints_used |= inner.hints_used
+                self.bad_hints += inner.bad_hints
+        return []
+
+
+def _names_decide(pairs: list[tuple[Node, Node]], ss: list[Node], ts: list[Node]) -> bool:
+    """Strong name evidence, which outweighs definition order: within each pair, the words
+    that tell a node from its tied siblings are the same on both sides (``query`` and ``q``),
+    not merely overlapping (``post_attention_layernorm`` and ``pre_attn_norm`` share "attn")."""
+    own_s = dict(zip(map(id, ss), _own_words(ss), strict=True))
+    own_t = dict(zip(map(id, ts), _own_words(ts), strict=True))
+    return all(own_s[id(s)] and own_s[id(s)] == own_t[id(t)] for s, t in pairs)
+
+
+def real_path(node: Node) -> str:
+    """The node's name as the checkpoint spells it (``first.conv_a``, ``layers/dense/vars``):
+    a tensor's own name, or the part its tensors' names share, cut at a separator. Hints are
+    matched against this, so a suggested hint is always text the user can find."""
+    if node.real is None:
+        if node.spec is not None:
+            node.real = node.spec.name
+        else:
+            names = [leaf.spec.name for leaf in node.leaves() if leaf.spec is not None]
+            prefix = names[0] if len(names) == 1 else _common_prefix(names)
+            cut = max(prefix.rfind("."), prefix.rfind("/"))
+            node.real = prefix[:cut] if cut > 0 else prefix
+    return node.real
+
+
+def _common_prefix(names: list[str]) -> str:
+    lo, hi = min(names), max(names)
+    i = 0
+    while i < min(len(lo), len(hi)) and lo[i] == hi[i]:
+        i += 1
+    return lo[:i]
+
+
+def _hint_hits(sub: str, nodes: Sequence[Node]) -> list[Node]:
+    """Nodes a hint substring names; a match ending at a name boundary wins over one inside a
+    name (``layer_norm`` names ``.../layer_norm``, not ``.../layer_norm_1``)."""
+    hits = [
+        n
+        for n in nodes
+        if sub in real_path(n)
+        or any(leaf.spec is not None and sub in leaf.spec.name for leaf in n.leaves())
+    ]
+    if len(hits) > 1:
+        exact = [n for n in hits if real_path(n) == sub]
+        if exact:
+            return exact
+        pattern = re.compile(re.escape(sub) + r"(?=$|[./:])")
+        bounded = [n for n in hits if pattern.search(real_path(n))]
+        if bounded:
+            return bounded
+    return hits
+
+
+def _index_pairs(ss: list[Node], ts: list[Node], use_path: bool) -> list[tuple[Node, Node]] | None:
+    """Pair numbered nodes in number order, if the numbers line up: the same on both sides up
+    to one constant offset (``layer.0..11`` ~ ``layers_0..11``; Keras ``block1..`` ~ torch
+    ``0..``). Numbers that do not (``1, 2, 3`` against ``0, 2, 3``: one side has an extra or
+    a missing module) say that something else is going on."""
+
+    def key(n: Node) -> str:
+        return n.path if use_path else n.name
+
+    a = sorted(ss, key=lambda n: natural_key(key(n)))
+    b = sorted(ts, key=lambda n: natural_key(key(n)))
+    va, vb = _varying_numbers(a, key), _varying_numbers(b, key)
+    if va is None or vb is None:
+        return None
+    offsets = set()
+    for x, y in zip(va, vb, strict=True):
+        if len(x) != len(y):
+            return None
+        offsets.add(tuple(i - j for i, j in zip(x, y, strict=True)))
+    return list(zip(a, b, strict=True)) if len(offsets) == 1 else None
+
+
+def _varying_numbers(nodes: list[Node], key: Callable[[Node], str]) -> list[tuple[int, ...]] | None:
+    """Each node's numbers at the positions where they differ across the group."""
+    nums = [[int(d) for d in re.findall(r"\d+", key(n))] for n in nodes]
+    if len({len(x) for x in nums}) != 1:
+        return None
+    varying = [i for i in range(len(nums[0])) if len({x[i] for x in nums}) > 1]
+    return [tuple(x[i] for i in varying) for x in nums]
 
 
 def _index_like(nodes: Sequence[Node], *, use_path: bool = False) -> bool:
@@ -438,28 +632,59 @@ def _index_like(nodes: Sequence[Node], *, use_path: bool = False) -> bool:
 
 
 def _unique_best_assignment(ss: list[Node], ts: list[Node]) -> list[tuple[Node, Node]] | None:
-    """The one assignment that maximises name similarity, if it is unique and every pair shares a word."""
-    score = [[_similarity(s, t) for s in ss] for t in ts]
-    n = len(ts)
-    if n > 7:  # too many for brute force: accept only mutually-best, distinct pairs
-        cols = [max(range(n), key=row.__getitem__) for row in score]
-        if len(set(cols)) != n or any(score[i][cols[i]] <= 0 for i in range(n)):
-            return None
-        if any(sorted(score[i])[-2] == score[i][cols[i]] for i in range(n)):
-            return None
-        return [(ss[cols[i]], ts[i]) for i in range(n)]
-    totals = []
-    for perm in itertools.permutations(range(n)):
-        if any(score[i][perm[i]] <= 0 for i in range(n)):
-            continue
-        totals.append((sum(score[i][perm[i]] for i in range(n)), perm))
-    if not totals:
-        return None
-    totals.sort(reverse=True)
-    if len(totals) > 1 and math.isclose(totals[0][0], totals[1][0]):
-        return None
-    perm = totals[0][1]
-    return [(ss[perm[i]], ts[i]) for i in range(n)]
+    """Pairs by name, only where the names decide.
+
+    Only the words that tell a node from its tied siblings count (``q`` in ``attn.q``; the
+    shared ``encoder.layer.3`` says nothing), and the evidence for a pair is how many of them
+    it shares. In rounds, a pair is fixed when each node is the other's unique best among those
+    still open and they share a word; fixed pairs leave the table. A last pair left over is
+    taken only when every fixed pair was certain (the same distinguishing words on both
+    sides). A maximal total over all permutations would let two weak overlaps outvote one
+    strong one, and similarity ratios would reward a name for being short: neither is used.
+    """
+    own_s, own_t = _own_words(ss), _own_words(ts)
+    score = {(i, j): _shared(own_s[j], own_t[i]) for i in range(len(ts)) for j in range(len(ss))}
+    rows, cols = set(range(len(ts))), set(range(len(ss)))
+    chosen: dict[int, int] = {}
+    certain = True
+    while rows:
+        fixed = []
+        for i in rows:
+            row = {j: score[i, j] for j in cols}
+            best = max(row.values())
+            js = [j for j, v in row.items() if v == best]
+            if best <= 0 or len(js) != 1:
+                continue
+            column = [score[k, js[0]] for k in rows]
+            if column.count(best) == 1 and max(column) == best:
+                fixed.append((i, js[0]))
+        if not fixed:
+            if len(rows) == 1 and chosen and certain:
+                fixed = [(next(iter(rows)), next(iter(cols)))]
+            else:
+                return None
+        for i, j in fixed:
+            certain = certain and bool(own_t[i]) and own_t[i] == own_s[j]
+            chosen[i] = j
+            rows.discard(i)
+            cols.discard(j)
+    return [(ss[chosen[i]], ts[i]) for i in range(len(ts))]
+
+
+def _own_words(nodes: list[Node]) -> list[frozenset[str]]:
+    """Each node's name words that its tied siblings do not all share (role words left out)."""
+    words = [tokens(n.path) - _ROLE_WORDS for n in nodes]
+    common = frozenset.intersection(*words) if words else frozenset()
+    return [w - common for w in words]
+
+
+def _shared(a: frozenset[str], b: frozenset[str]) -> int:
+    """Distinguishing words two names share; none when they name different norm positions."""
+    ca = {w for w in a if w.startswith("@")}
+    cb = {w for w in b if w.startswith("@")}
+    if ca and cb and not ca & cb:
+        return 0
+    return len(a & b)
 
 
 # Words that name a parameter's role, not which module it belongs to.
@@ -488,13 +713,32 @@ def _similarity(s: Node, t: Node) -> float:
     a, b = tokens(s.path) - _ROLE_WORDS, tokens(t.path) - _ROLE_WORDS
     if not a or not b:
         return 0.0
+    concepts_a = {w for w in a if w.startswith("@")}
+    concepts_b = {w for w in b if w.startswith("@")}
+    if concepts_a and concepts_b and not concepts_a & concepts_b:
+        return 0.0  # two norms named for different positions, whatever words they share
     return len(a & b) / len(a | b)
 
 
 def _is_definition_order(specs: Sequence[TensorSpec]) -> bool:
-    """False when names arrive sorted (jax pytrees, safetensors files): order then says nothing."""
+    """Whether the order of `specs` can be a module tree's definition order.
+
+    False when names arrive sorted (jax pytrees, safetensors files): order then says nothing.
+    False too when some module's tensors are not contiguous: a definition order lists each
+    module's tensors together (a depth-first walk), and an order that interleaves them was
+    shuffled or rebuilt, so it says nothing either.
+    """
     names = [s.name for s in specs]
-    return names != sorted(names) and names != sorted(names, key=natural_key)
+    if names == sorted(names) or names == sorted(names, key=natural_key):
+        return False
+    span: dict[tuple[str, ...], list[int]] = {}
+    for i, name in enumerate(names):
+        parts = tuple(re.split(r"[./]", name)[:-1])
+        for depth in range(1, len(parts) + 1):
+            entry = span.setdefault(parts[:depth], [i, i, 0])
+            entry[1] = i
+            entry[2] += 1
+    return all(last - first + 1 == count for first, last, count in span.values())
 
 
 @dataclass(frozen=True)
@@ -524,6 +768,41 @@ class Matcher:
         return pairs
 
 
+PlannedPair = tuple[str, tuple[str, ...], tuple[Op, ...]]
+
+# Hints that are choices rather than pairings (target side starts with "@").
+FLATTEN_HINT = "@flatten"
+# For models that transpose to NCHW before flattening (seed 003's own JModel does), where the
+# regrouping would be wrong and nothing in the weights shows it.
+NO_FLATTEN_HINT = "@noflatten"
+TRANSPOSE_HINT = "@transpose"
+_CHOICES = (FLATTEN_HINT, NO_FLATTEN_HINT, TRANSPOSE_HINT)
+_ORIENTATIONS = (((TRANSPOSE_HINT, "yes"),), ((TRANSPOSE_HINT, "no"),))
+_FLATTENS = (((FLATTEN_HINT, "nhwc"),), ((FLATTEN_HINT, "nchw"),))
+
+
+@dataclass
+class _Outcome:
+    """One matching pass: the planned pairs, or why it failed (typed, for re-checking hints)."""
+
+    pairs: list[PlannedPair]
+    result: MatchResult
+    problems: list[str] = field(default_factory=list)
+    stray: list[Node] = field(default_factory=list)
+    bad_hints: list[str] = field(default_factory=list)
+    hints_used: set[Hint] = field(default_factory=set)
+    # Open decisions, as data (see `MatchError.choices`).
+    choices: list[tuple[tuple[Hint, ...], ...]] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        r = self.result
+        return not (r.conflicts or r.unpaired_targets or self.stray or self.problems)
+
+    def mapping(self) -> dict[str, tuple[str, ...]]:
+        return {t: s for t, s, _ in self.pairs}
+
+
 def match_specs(
     sources: Sequence[TensorSpec],
     targets: Sequence[TensorSpec],
@@ -534,17 +813,21 @@ def match_specs(
     log: list[str] | None = None,
     partial: bool = False,
     slice_mismatched: bool = False,
-) -> tuple[list[tuple[str, tuple[str, ...], tuple[Op, ...]]], list[str]]:
+) -> tuple[list[PlannedPair], list[str]]:
     """Pair target tensors with source tensors; returns (pairs with ops, dropped source names).
 
-    When one-to-one pairing fails, it is retried with fused (qkv, in_proj) and stacked
-    (experts) tensors on either side split into virtual parts (`weightbridge.fused`).
+    Every pairing and op must be justified by evidence (see the module docstring); otherwise
+    the whole plan is refused, with every ambiguity listed at once and hints that were checked
+    to resolve them. When one-to-one pairing fails, it is retried with fused (qkv, in_proj) and
+    stacked (experts) tensors on either side split into virtual parts (`weightbridge.fused`).
 
     Raises:
-        MatchError: ambiguous ties (with the hint that resolves them), unpaired tensors (both
-            sides, with shapes), or pairs whose shapes cannot be made to fit.
+        MatchError: ambiguous ties (with hints that resolve them), unpaired tensors (both
+            sides, with shapes), pairs no layout rule fits, conflicting evidence, bad hints.
     """
     log = log if log is not None else []
+    hints = tuple(hints)
+    _check_hints(hints, sources, targets)
     dropped = [s.name for s in sources if is_buffer(s.name)]
     src = [s for s in sources if not is_buffer(s.name)]
     tgt = [t for t in targets if not is_buffer(t.name)]
@@ -556,8 +839,9 @@ def match_specs(
         f"source layout: {fam[0]}; target layout: {fam[1]}; "
         f"{len(src)} source and {len(tgt)} target tensors ({len(dropped)} buffers dropped)"
     )
-    out, failure = _match_once(src, tgt, fam, hints, log, slice_mismatched, {}, {})
-    if failure:
+    ctx = _Context(fam, hints, log, slice_mismatched)
+    outcome = ctx.run(src, tgt, {}, {})
+    if not outcome.ok:
         vsrc, sparts = split_fused(src, fam[0] == "pytorch")
         vtgt, tparts = split_fused(tgt, fam[1] == "pytorch")
         if sparts or tparts:
@@ -565,55 +849,481 @@ def match_specs(
                 f"one-to-one pairing failed; retrying with {len(sparts)} source and "
                 f"{len(tparts)} target fused/stacked parts split out"
             )
-            retry, second = _match_once(
-                vsrc, vtgt, fam, hints, log, slice_mismatched, sparts, tparts
+            retry = ctx.run(vsrc, vtgt, sparts, tparts)
+            if retry.ok or _closer(retry, outcome):
+                outcome = retry
+    if outcome.bad_hints:
+        raise MatchError("\n".join(outcome.bad_hints))
+    if not outcome.ok:
+        message = ctx.refusal(src, tgt, outcome)
+        if not partial:
+            raise MatchError(message, _choices(outcome))
+        log.append("partial: left unpaired (they keep their own values):\n" + message)
+    return outcome.pairs, dropped
+
+
+# Tied groups up to this size offer every assignment as an alternative to try by execution
+# (4! = 24); larger groups need hints or rules.
+_MAX_GROUP_TO_TRY = 4
+
+
+def _choices(outcome: _Outcome) -> tuple[tuple[tuple[Hint, ...], ...], ...]:
+    """The refusal's open decisions: orientation, flatten order, and each small tied group's
+    possible assignments (as hints). Groups whose alternatives read the same (every layer's
+    pair of norms) are one decision."""
+    out = list(outcome.choices)
+    for c in outcome.result.conflicts:
+        if len(c.targets) > _MAX_GROUP_TO_TRY:
+            continue
+        alternatives = []
+        for perm in itertools.permutations(c.sources):
+            alternatives.append(
+                tuple(
+                    (_hint_text(t, c.targets), _hint_text(s, c.sources))
+                    for t, s in list(zip(c.targets, perm, strict=True))[:-1]
+                )
             )
-            if not second:
-                return retry, dropped
-    if failure and not partial:
-        raise MatchError(failure)
-    if failure:
-        log.append("partial: left unpaired (they keep their own values):\n" + failure)
-    return out, dropped
+        out.append(tuple(alternatives))
+    return tuple(dict.fromkeys(out))
 
 
-def _match_once(
-    src: list[TensorSpec],
-    tgt: list[TensorSpec],
+def _closer(a: _Outcome, b: _Outcome) -> bool:
+    """True if pass `a` got further than `b` (its refusal is the more useful one to show)."""
+    left_a = len(a.result.unpaired_targets) + len(a.result.conflicts) + len(a.stray)
+    left_b = len(b.result.unpaired_targets) + len(b.result.conflicts) + len(b.stray)
+    return left_a < left_b or (left_a == left_b == 0 and bool(a.problems))
+
+
+def _check_hints(
+    hints: Sequence[Hint], sources: Sequence[TensorSpec], targets: Sequence[TensorSpec]
+) -> None:
+    """A hint that names nothing, or an unknown choice, is an error, never silently ignored."""
+    errors: list[str] = []
+    for t_sub, s_sub in hints:
+        if t_sub.startswith("@"):
+            if t_sub not in _CHOICES:
+                errors.append(f"unknown hint {t_sub!r}; the choices are {', '.join(_CHOICES)}")
+            elif t_sub == TRANSPOSE_HINT and s_sub not in ("yes", "no"):
+                errors.append(f"hint {t_sub}={s_sub}: say {t_sub}=yes or {t_sub}=no")
+            elif (
+                t_sub == FLATTEN_HINT
+                and s_sub not in ("nhwc", "nchw")
+                and not any(s_sub in t.name for t in targets)
+            ):
+                errors.append(
+                    f"hint {t_sub}={s_sub}: no target tensor name contains {s_sub!r}; give "
+                    "nhwc, nchw, or part of the name of the dense layer after the flatten"
+                )
+            continue
+        if not any(t_sub in t.name for t in targets):
+            errors.append(f"hint {t_sub}={s_sub}: no target tensor name contains {t_sub!r}")
+        if not any(s_sub in s.name for s in sources):
+            errors.append(f"hint {t_sub}={s_sub}: no source tensor name contains {s_sub!r}")
+    if errors:
+        raise MatchError(
+            "\n".join(errors) + "\nA hint is TARGET_SUBSTRING=SOURCE_SUBSTRING (API: "
+            "hints=[('target part', 'source part')]); check the names with `weightbridge inspect`"
+        )
+
+
+@dataclass
+class _Context:
+    """What stays the same across the passes of one `match_specs` call."""
+
+    fam: tuple[str, str]
+    hints: tuple[Hint, ...]
+    log: list[str]
+    slice_mismatched: bool
+    decided: tuple[bool, str] | None = None
+
+    def run(
+        self,
+        src: list[TensorSpec],
+        tgt: list[TensorSpec],
+        sparts: dict[str, Part],
+        tparts: dict[str, Part],
+        hints: tuple[Hint, ...] | None = None,
+        quiet: bool = False,
+    ) -> _Outcome:
+        """Decide the 2-D orientation, then match; try both orientations when nothing decides."""
+        hints = self.hints if hints is None else hints
+        log: list[str] = [] if quiet else self.log
+        src_tree = build_tree(src, self.fam[0], self.fam[1])
+        tgt_tree = build_tree(tgt, self.fam[1])
+        forced = [h[1] == "yes" for h in hints if h[0] == TRANSPOSE_HINT]
+        if forced:
+            decided: bool | None = forced[-1]
+            reason = f"the hint {TRANSPOSE_HINT}={'yes' if forced[-1] else 'no'}"
+            conflict = ""
+        elif self.decided is not None and (sparts or tparts):
+            # Orientation belongs to the checkpoint: fused parts keep what the whole proved.
+            (decided, reason), conflict = self.decided, ""
+        else:
+            decided, reason, conflict = decide_transpose(src_tree, tgt_tree, self.fam)
+            if decided is not None:
+                self.decided = (decided, reason)
+        if conflict:
+            result = MatchResult()
+            return _Outcome([], result, problems=[conflict])
+        order = (_is_definition_order(src), _is_definition_order(tgt))
+        if decided is not None:
+            log.append(f"2-D weights are {'' if decided else 'not '}transposed: {reason}")
+            return self._once(src_tree, tgt_tree, decided, order, hints, log, sparts, tparts)
+        tries = {
+            flag: self._once(src_tree, tgt_tree, flag, order, hints, [], sparts, tparts)
+            for flag in (False, True)
+        }
+        ok = [flag for flag, o in tries.items() if o.ok]
+        if len(ok) == 1:
+            log.append(
+                f"2-D weights are {'' if ok[0] else 'not '}transposed: only that orientation "
+                "pairs every tensor (shapes alone did not decide)"
+            )
+            return self._once(src_tree, tgt_tree, ok[0], order, hints, log, sparts, tparts)
+        default = (self.fam[0] == "pytorch") != (self.fam[1] == "pytorch")
+        if not ok:
+            failed = self._once(src_tree, tgt_tree, default, order, hints, log, sparts, tparts)
+            if any(
+                n.role == "matrix" and len(n.spec.shape) == 2 for n in src_tree.leaves() if n.spec
+            ):
+                failed.choices.append(_ORIENTATIONS)
+                failed.problems.append(
+                    "note: nothing shows yet whether the source's 2-D weights are stored "
+                    "[out, in] or [in, out]; once the rest pairs, that may need "
+                    f"hints=[('{TRANSPOSE_HINT}', 'yes' or 'no')] too"
+                )
+            return failed
+        if sorted(tries[False].pairs) == sorted(tries[True].pairs):
+            # No 2-D kernel whose orientation matters: every op is the same either way.
+            return self._once(src_tree, tgt_tree, default, order, hints, log, sparts, tparts)
+        if all(order) and self.fam[0] == self.fam[1]:
+            agree = [flag for flag, o in tries.items() if _follows_order(o.result.pairs)]
+            if len(agree) == 1:
+                log.append(
+                    f"2-D weights are {'' if agree[0] else 'not '}transposed: only that "
+                    "orientation pairs kernels in both sides' definition order"
+                )
+                return self._once(src_tree, tgt_tree, agree[0], order, hints, log, sparts, tparts)
+        same = tries[False].mapping() == tries[True].mapping()
+        problem = (
+            "cannot tell whether the source stores its 2-D weights [out, in] (torch.nn.Linear) "
+            "or [in, out] (GPT-2's Conv1D, Flax, Keras): "
+            + (
+                "every pairing is the same either way, but square weights would be transposed "
+                "or not"
+                if same
+                else "both orientations pair every tensor, differently"
+            )
+            + f". Say which: hints=[('{TRANSPOSE_HINT}', 'yes')] transposes them, "
+            f"hints=[('{TRANSPOSE_HINT}', 'no')] keeps them (CLI: --hint {TRANSPOSE_HINT}=yes "
+            f"or --hint {TRANSPOSE_HINT}=no); both were checked to plan"
+        )
+        return _Outcome(
+            tries[default].pairs, MatchResult(), problems=[problem], choices=[_ORIENTATIONS]
+        )
+
+    def _once(
+        self,
+        src_tree: Node,
+        tgt_tree: Node,
+        transpose2d: bool,
+        order: tuple[bool, bool],
+        hints: tuple[Hint, ...],
+        log: list[str],
+        sparts: dict[str, Part],
+        tparts: dict[str, Part],
+    ) -> _Outcome:
+        orient(src_tree, self.fam[0], self.fam[1], transpose2d)
+        orient(tgt_tree, self.fam[1], None, None)
+        # Definition orders are comparable only within one framework's conventions: Keras
+        # builds a ResNet block's shortcut between its convs, torchvision defines it last.
+        same = self.fam[0] == self.fam[1]
+        m = _Matcher(hints, order[0] and same, order[1] and same)
+        m.descend(src_tree, tgt_tree)
+        m.pair_leftovers_by_hints()
+        outcome = _Outcome([], m.result, bad_hints=m.bad_hints, hints_used=m.hints_used)
+        _plan_pairs(outcome, self.fam, transpose2d, order, hints, log, sparts, tparts)
+        if self.slice_mismatched:
+            outcome.pairs += _slice_mismatched(
+                outcome.result,
+                *self.fam,
+                log,
+                (tokens(src_tree.name), tokens(tgt_tree.name)),
+            )
+        # A source module maps whole or not at all: a module the target lacks entirely (a
+        # pooler, a classification head) is left out and reported as unused, but a lone
+        # leftover tensor of a module whose other tensors were used (a bias: use_bias differs)
+        # is an error.
+        result = outcome.result
+        used_modules = {_parent(s.path) for s, _ in result.pairs}
+        outcome.stray = [n for n in result.unpaired_sources if _parent(n.path) in used_modules]
+        if outcome.ok:
+            for n in result.unpaired_sources:
+                log.append(f"unused: {n.path} (its whole module has no counterpart in the target)")
+        log.append(
+            f"paired {len(result.pairs)} tensors by structure; {len(result.conflicts)} "
+            f"ambiguous group(s), {len(result.unpaired_targets)} target(s) unpaired"
+        )
+        return outcome
+
+    def refusal(self, src: list[TensorSpec], tgt: list[TensorSpec], outcome: _Outcome) -> str:
+        """The refusal message: summary, at most ~20 detail lines, then checked hints."""
+        r = outcome.result
+        n_unpaired = len(r.unpaired_targets)
+        lines = [
+            f"refused to guess: {len(r.pairs)} tensor(s) paired, {len(r.conflicts)} ambiguous "
+            f"group(s), {n_unpaired} target(s) and {len(r.unpaired_sources)} source(s) unmatched, "
+            f"{len(outcome.problems)} other problem(s)"
+        ]
+        detail: list[str] = []
+        fixes: list[str] = []
+        for i, c in enumerate(r.conflicts):
+            detail.append(f"  ambiguous ({c.why}):")
+            detail += [f"    OUT {_describe(leaf)}" for t in c.targets for leaf in t.leaves()][:6]
+            detail += [f"    IN  {_describe(leaf)}" for s in c.sources for leaf in s.leaves()][:6]
+            if i < _HINTS_CHECKED:
+                fixes.append(self._checked_hint(src, tgt, c))
+        if r.unpaired_targets or r.unpaired_sources:
+            detail.append("  no counterpart with a matching role and size:")
+            detail += [f"    OUT {_describe(n)} [{n.role}]" for n in r.unpaired_targets]
+            detail += [f"    IN  {_describe(n)} [{n.role}]" for n in r.unpaired_sources]
+            bias = _bias_mismatch(r)
+            if bias:
+                detail.append(f"  {bias}")
+            fixes += self._tied_copies(src, tgt, r)
+        if outcome.stray:
+            detail.append("  left over from modules whose other tensors were used:")
+            detail += [f"    IN  {_describe(n)} [{n.role}]" for n in outcome.stray]
+        detail += [f"  {p}" for p in outcome.problems]
+        if len(detail) > _DETAIL_LINES:
+            more = len(detail) - _DETAIL_LINES
+            detail = [*detail[:_DETAIL_LINES], f"  ... and {more} more line(s)"]
+        lines += detail
+        lines.append("what to do:")
+        lines += [f"  {f}" for f in _grouped(fixes)]
+        lines.append(
+            "  pair tensors yourself with hints (TARGET_PART=SOURCE_PART), write a rules file "
+            "(--rules), or load what fits with partial=True (CLI --partial)"
+        )
+        return "\n".join(lines)
+
+    def _tied_copies(
+        self, src: list[TensorSpec], tgt: list[TensorSpec], r: MatchResult
+    ) -> list[str]:
+        """A target with several same-shaped unpaired sources: in a file, tied tensors (T5's
+        ``shared`` and ``encoder.embed_tokens``) are stored as copies, and any of them may be
+        the one. Name the hint that picks one (checked), since values are not read here."""
+        out: list[str] = []
+        for t in r.unpaired_targets[:_HINTS_CHECKED]:
+            same = [s for s in r.unpaired_sources if _relaxed(s) == _relaxed(t)]
+            if len(same) < 2:
+                continue
+            best = max(same, key=lambda s: (_similarity(s, t), -s.order))
+            hint = (_hint_text(t, r.unpaired_targets), _hint_text(best, same))
+            again = self.run(src, tgt, {}, {}, hints=(*self.hints, hint), quiet=True)
+            if any(u.path == t.path for u in again.result.unpaired_targets) or again.bad_hints:
+                continue
+            names = ", ".join(repr(real_path(s)) for s in same[:4])
+            out.append(
+                f"{real_path(t)!r} has {len(same)} candidates of its shape ({names}), maybe "
+                f"tied copies of one tensor; to take {real_path(best)!r}: hints={[hint]!r} "
+                f"(CLI: --hint {hint[0]}={hint[1]}) (checked: it pairs this tensor)"
+            )
+        return out
+
+    def _checked_hint(self, src: list[TensorSpec], tgt: list[TensorSpec], c: Conflict) -> str:
+        """Hints that pair a conflict's nodes by definition order, printed only if re-planning
+        with them removes that conflict."""
+        ts = sorted(c.targets, key=lambda n: n.order)
+        ss = sorted(c.sources, key=lambda n: n.order)
+        extra = tuple(
+            (_hint_text(t, c.targets), _hint_text(s, c.sources))
+            for t, s in list(zip(ts, ss, strict=True))[:-1]
+        )
+        again = self.run(src, tgt, {}, {}, hints=(*self.hints, *extra), quiet=True)
+        group = {t.path for t in c.targets}
+        still = any({t.path for t in k.targets} == group for k in again.result.conflicts)
+        if still or again.bad_hints:
+            return (
+                f"no hint found that separates {ts[0].path!r} from its look-alikes; "
+                "pair them with a rules file"
+            )
+        pairs = ", ".join(
+            f"{real_path(t)!r} is {real_path(s)!r}" for t, s in zip(ts, ss, strict=True)
+        )
+        cli = " ".join(f"--hint {a}={b}" for a, b in extra)
+        return f"if {pairs}: hints={list(extra)!r} (CLI: {cli}) (checked: it resolves this group)"
+
+
+def _follows_order(pairs: list[tuple[Node, Node]]) -> bool:
+    """True if the paired 2-D kernels come in the same definition order on both sides."""
+    mats = sorted(
+        (s.order, t.order)
+        for s, t in pairs
+        if s.role == "matrix" and s.spec is not None and len(s.spec.shape) == 2
+    )
+    return all(a[1] < b[1] for a, b in itertools.pairwise(mats))
+
+
+def _grouped(fixes: list[str]) -> list[str]:
+    """One line per distinct hint (the same hint often resolves every layer's group)."""
+    seen: dict[str, int] = {}
+    first: dict[str, str] = {}
+    for f in fixes:
+        key = f.split(": hints=", 1)[-1]
+        seen[key] = seen.get(key, 0) + 1
+        first.setdefault(key, f)
+    return [
+        first[k] + (f" (the same hint for {n} groups)" if n > 1 else "") for k, n in seen.items()
+    ]
+
+
+# Refusal messages: how many groups get a re-planned, checked hint, and how many detail lines
+# are shown before "... and N more" (enough to see the pattern, short enough to read).
+_HINTS_CHECKED = 10
+_DETAIL_LINES = 20
+
+
+def _hint_text(node: Node, group: Sequence[Node]) -> str:
+    """The shortest tail of `node.path`, on name boundaries, that names it alone in `group`."""
+    parts = re.split(r"([./])", real_path(node))
+    for i in range(len(parts) - 1, -1, -2):
+        tail = "".join(parts[i:])
+        if _hint_hits(tail, group) == [node]:
+            return tail
+    return real_path(node)
+
+
+def _side_orientation(tree: Node, family: str) -> tuple[str | None, str]:
+    """How one side stores 2-D kernels, from modules whose bias proves it: a Linear's bias has
+    its output size. Returns ("out_in" | "in_out" | "mixed" | None, evidence)."""
+    votes: dict[str, list[str]] = {"out_in": [], "in_out": []}
+    for node in _all_internal(tree):
+        leaves = [c for c in node.children.values() if c.spec is not None]
+        mats = [
+            c
+            for c in leaves
+            if c.role == "matrix" and len(c.spec.shape) == 2 and not is_embedding(c.path)  # type: ignore[union-attr]
+        ]
+        biases = [c for c in leaves if c.role == "bias" and len(c.spec.shape) == 1]  # type: ignore[union-attr]
+        if len(mats) != 1 or len(biases) != 1:
+            continue
+        (a, b), n = mats[0].spec.shape, biases[0].spec.shape[0]  # type: ignore[union-attr]
+        if a != b and n in (a, b):
+            votes["out_in" if n == a else "in_out"].append(mats[0].path)
+    if votes["out_in"] and votes["in_out"]:
+        return "mixed", (
+            f"{votes['out_in'][0]} is stored [out, in] but {votes['in_out'][0]} [in, out] "
+            "(by their biases)"
+        )
+    for k, v in votes.items():
+        if v:
+            return (
+                k,
+                f"{len(v)} biased 2-D weight(s) such as {v[0]} are stored {k.replace('_', ', ')}",
+            )
+    if family != "pytorch" and family != "numpy":
+        # Flax, Haiku, Keras and TF store every Dense kernel [in, out]; only torch-named
+        # checkpoints come both ways (nn.Linear vs GPT-2's Conv1D and ports from JAX).
+        return "in_out", f"{family} stores Dense kernels [in, out]"
+    return None, ""
+
+
+def decide_transpose(
+    src_tree: Node, tgt_tree: Node, fam: tuple[str, str]
+) -> tuple[bool | None, str, str]:
+    """Whether the source's 2-D kernels are transposed into the target: a property of the whole
+    checkpoint, never of one tensor. Returns (decision or None, evidence, conflict message).
+
+    Evidence: each side's orientation proven by biases (`_side_orientation`), and the
+    non-square kernel shapes, which fit the target's either as they are or transposed.
+    Evidence that disagrees is a conflict; no evidence is None (the caller then tries both).
+    """
+    o_s, why_s = _side_orientation(src_tree, fam[0])
+    o_t, why_t = _side_orientation(tgt_tree, fam[1])
+    for o, why, side in ((o_s, why_s, "source"), (o_t, why_t, "target")):
+        if o == "mixed":
+            return (
+                None,
+                "",
+                (
+                    f"the {side} stores some 2-D weights [out, in] and others [in, out]: {why}; "
+                    "convert it with a rules file, or pair the two kinds in separate conversions"
+                ),
+            )
+    by_bias = (o_s != o_t) if o_s and o_t else None
+
+    def shapes(tree: Node) -> Counter[tuple[int, ...]]:
+        return Counter(
+            n.spec.shape
+            for n in tree.leaves()
+            if n.spec is not None
+            and n.role == "matrix"
+            and len(n.spec.shape) == 2
+            and n.spec.shape[0] != n.spec.shape[1]
+            and not is_embedding(n.path)
+        )
+
+    s_shapes, t_shapes = shapes(src_tree), shapes(tgt_tree)
+    kept = sum((s_shapes & t_shapes).values())
+    flipped = sum((Counter({k[::-1]: v for k, v in s_shapes.items()}) & t_shapes).values())
+    by_shape = None if kept == flipped else flipped > kept
+    shape_why = f"{max(kept, flipped)} non-square 2-D weight(s) fit the target only that way"
+    if by_bias is not None and by_shape is not None and by_bias != by_shape:
+        return (
+            None,
+            "",
+            (
+                f"conflicting evidence about 2-D weight orientation: biases say "
+                f"{'transpose' if by_bias else 'keep'} ({why_s}; {why_t}), but the non-square "
+                f"shapes fit the target only {'transposed' if by_shape else 'as they are'}; pass "
+                f"hints=[('{TRANSPOSE_HINT}', 'yes' or 'no')] once you know which is right"
+            ),
+        )
+    if by_bias is not None:
+        return by_bias, f"{why_s}; {why_t}", ""
+    if by_shape is not None:
+        return by_shape, shape_why, ""
+    return None, "", ""
+
+
+def _plan_pairs(
+    outcome: _Outcome,
     fam: tuple[str, str],
+    transpose2d: bool,
+    orders: tuple[bool, bool],
     hints: Sequence[Hint],
     log: list[str],
-    slice_mismatched: bool,
     sparts: dict[str, Part],
     tparts: dict[str, Part],
-) -> tuple[list[tuple[str, tuple[str, ...], tuple[Op, ...]]], str]:
-    """One matching pass; returns (pairs with ops, failure message or "")."""
+) -> None:
+    """Ops for every pair, from the layout rules; fused parts joined back into their tensors."""
     src_family, tgt_family = fam
-    src_tree, tgt_tree = build_tree(src, src_family, tgt_family), build_tree(tgt, tgt_family)
-    m = _Matcher(hints, _is_definition_order(src), _is_definition_order(tgt))
-    m.descend(src_tree, tgt_tree)
-    result = m.result
-    log.append(
-        f"paired {len(result.pairs)} tensors by structure; {len(result.conflicts)} ambiguous "
-        f"group(s), {len(result.unpaired_targets)} target(s) unpaired"
-    )
-    problems: list[str] = []
-    out: list[tuple[str, tuple[str, ...], tuple[Op, ...]]] = []
-    orders = (_is_definition_order(src), _is_definition_order(tgt))
+    result = outcome.result
     try:
         flatten = _flatten_pair(result.pairs, src_family, tgt_family, orders, hints, log)
     except MatchError as e:
-        return [], str(e)
+        outcome.problems.append(str(e))
+        outcome.choices += e.choices
+        return
     origin_shape = {}
     groups: dict[str, dict[int, tuple[str, tuple[Op, ...]]]] = defaultdict(dict)
     for s, t in result.pairs:
         assert s.spec is not None and t.spec is not None
         channels = flatten[1] if flatten and flatten[0] is s else None
-        ops = fit_ops(s.spec, t.spec, s.role, src_family, tgt_family, flatten_channels=channels)
+        ops = fit_ops(
+            s.spec,
+            t.spec,
+            s.role,
+            src_family,
+            tgt_family,
+            transpose2d=transpose2d,
+            flatten_channels=channels,
+        )
         if ops is None:
-            problems.append(
+            outcome.problems.append(
                 f"paired {s.spec.name} {s.spec.shape} with {t.spec.name} {t.spec.shape} "
-                "by structure, but no layout change makes one into the other"
+                "by structure, but no layout rule turns one into the other"
             )
             continue
         sname = s.spec.name
@@ -627,11 +1337,13 @@ def _match_once(
             groups[tp.origin][tp.index] = (sname, ops)
             origin_shape[tp.origin] = tp
         else:
-            out.append((t.spec.name, (sname,), ops))
+            outcome.pairs.append((t.spec.name, (sname,), ops))
     for origin, members in groups.items():
         tp = origin_shape[origin]
         if len(members) != tp.count:
-            problems.append(f"{origin}: only {len(members)} of its {tp.count} parts found sources")
+            outcome.problems.append(
+                f"{origin}: only {len(members)} of its {tp.count} parts found sources"
+            )
             continue
         ordered = [members[i] for i in range(tp.count)]
         part_shape = next(
@@ -641,28 +1353,12 @@ def _match_once(
         )
         joined = join_ops(tp, [ops for _, ops in ordered], part_shape)
         if joined is None:
-            problems.append(
+            outcome.problems.append(
                 f"{origin}: its parts need different layout changes; join them with a rule"
             )
             continue
-        out.append((origin, tuple(name for name, _ in ordered), joined))
+        outcome.pairs.append((origin, tuple(name for name, _ in ordered), joined))
         log.append(f"{origin}: {'stacked' if tp.stacked else 'concatenated'} from {tp.count} parts")
-    if slice_mismatched:
-        out += _slice_mismatched(
-            result, src_family, tgt_family, log, (tokens(src_tree.name), tokens(tgt_tree.name))
-        )
-    # A source module maps whole or not at all: a module the target lacks entirely (a pooler,
-    # a classification head) is left out and reported as unused, but a lone leftover tensor of
-    # a module whose other tensors were used (a bias: use_bias differs) is an error.
-    used_modules = {_parent(s.path) for s, _ in result.pairs}
-    stray = [n for n in result.unpaired_sources if _parent(n.path) in used_modules]
-    if stray and not (result.conflicts or result.unpaired_targets or problems):
-        result.unpaired_sources = stray
-    if result.conflicts or result.unpaired_targets or stray or problems:
-        return out, _failure_message(result, problems)
-    for n in result.unpaired_sources:
-        log.append(f"unused: {n.path} (its whole module has no counterpart in the target)")
-    return out, ""
 
 
 def _parent(path: str) -> str:
@@ -729,12 +1425,6 @@ def _slice_mismatched(
     return out
 
 
-FLATTEN_HINT = "@flatten"
-# For models that transpose to NCHW before flattening (seed 003's own JModel does), where the
-# regrouping would be wrong and nothing in the weights shows it.
-NO_FLATTEN_HINT = "@noflatten"
-
-
 def _flatten_pair(
     pairs: list[tuple[Node, Node]],
     src_family: str,
@@ -743,20 +1433,26 @@ def _flatten_pair(
     hints: Sequence[Hint],
     log: list[str],
 ) -> tuple[Node, int] | None:
-    """The dense layer right after a conv stack, whose input is a flattened feature map.
+    """The dense layer right after a conv stack whose input is a flattened feature map, if any.
 
-    torch flattens NCHW, the others NHWC, so that one kernel needs its input axis regrouped.
-    Shapes give the channels C (the last conv's outputs) but not which dense layer follows the
-    flatten. With either side in definition order (a torch state dict), it is the first dense
-    layer after the last conv in that order; otherwise it must be the only dense layer whose
-    fan-in is a multiple of C, or be named by the hint ``("@flatten", "<target substring>")``.
-    ``("@noflatten", "")`` turns this off, for models that flatten in NCHW order on both sides.
+    torch flattens NCHW; a Flax/Keras model flattens NHWC directly, or transposes to NCHW first
+    (seed 003's own example does). Which one cannot be read from weights, so the regroup is
+    never guessed: it needs positive evidence of a flatten (the dense layer's fan-in is the last
+    conv's C channels times H*W > 1, and no per-channel tensor of that fan-in sits between them,
+    which would mean global pooling) and then an explicit choice: ``("@flatten", "nhwc")``
+    regroups, ``("@flatten", "nchw")`` or ``("@noflatten", "")`` does not; ``("@flatten",
+    "<target name part>")`` also names the dense layer when order does not tell.
 
     Raises:
-        MatchError: several dense layers could follow the flatten and nothing says which.
+        MatchError: a flatten is evidenced and no choice was made, or several dense layers
+            could follow it and nothing says which.
     """
     if (src_family == "pytorch") == (tgt_family == "pytorch"):
         return None
+    choices = [h[1] for h in hints if h[0] == FLATTEN_HINT]
+    if any(h[0] == NO_FLATTEN_HINT for h in hints) or "nchw" in choices:
+        return None
+    named = [c for c in choices if c not in ("nhwc", "nchw")]
     torch_side = src_family == "pytorch"
     convs = [(s, t) for s, t in pairs if s.role == "matrix" and s.spec and len(s.spec.shape) == 4]
     if not convs:
@@ -791,71 +1487,68 @@ def _flatten_pair(
         and len(t.spec.shape) == 2
         and not is_embedding(s.path)
     ]
-    if any(h[0] == NO_FLATTEN_HINT for h in hints):
-        return None
-    hinted = [p for p in dense for h in hints if h[0] == FLATTEN_HINT and h[1] in p[1].path]
-    chosen: Node | None
+    hinted = [p for p in dense for h in named if h in p[1].path]
+    chosen: tuple[Node, Node] | None
     if hinted:
-        chosen = hinted[0][0]
+        chosen = hinted[0]
     elif src_ordered or tgt_ordered:
         last = max(key(c) for c in convs)
         after = sorted((p for p in dense if key(p) > last), key=key)
-        chosen = after[0][0] if after else None
+        chosen = after[0] if after else None
     else:
-        fits = [s for s, _ in dense if fan_in(s) % channels == 0 and fan_in(s) // channels > 1]
+        fits = [p for p in dense if fan_in(p[0]) % channels == 0 and fan_in(p[0]) // channels > 1]
         if len(fits) > 1:
-            names = [t.path for s, t in dense if s in fits]
+            names = [t.path for _, t in fits]
             raise MatchError(
                 f"cannot tell which dense layer follows the flatten after the conv stack "
                 f"({channels} channels): any of {names[:4]} could, and neither side keeps "
                 "definition order. Name it with hints=[('@flatten', '<part of its target name>')] "
-                "(CLI: --hint @flatten=NAME)"
+                "(CLI: --hint @flatten=NAME), or say there is none with ('@flatten', 'nchw')"
             )
         chosen = fits[0] if fits else None
-    if chosen is None or fan_in(chosen) % channels or fan_in(chosen) // channels < 2:
+    if chosen is None:
         return None
+    n_in = fan_in(chosen[0])
+    if n_in % channels or n_in // channels < 2:
+        return None
+    if not hinted and (src_ordered or tgt_ordered):
+        # A per-channel tensor with the dense layer's fan-in between the last conv and it (a
+        # final BatchNorm: DenseNet's norm5) shows the features are pooled channels, not a
+        # flattened map whose size merely divides by the last conv's channels.
+        lo, hi = max(key(c) for c in convs), key(chosen)
+        pooled = [
+            p
+            for p in pairs
+            if lo < key(p) < hi and p[0].spec is not None and p[0].spec.shape == (n_in,)
+        ]
+        if pooled:
+            log.append(
+                f"{chosen[1].path}: follows pooled features ({pooled[0][0].path} has its "
+                f"{n_in} channels), not a flatten; no regroup"
+            )
+            return None
+    if not hinted and "nhwc" not in choices:
+        raise MatchError(
+            f"{chosen[1].path} takes {n_in} = {channels} channels x {n_in // channels} "
+            "positions from the conv stack through a flatten. Whether the "
+            f"{'target' if torch_side else 'source'} model flattens its NHWC feature map directly "
+            "or transposes it to NCHW first cannot be read from the weights. Say which: "
+            "hints=[('@flatten', 'nhwc')] (flattens NHWC directly: its input axis is regrouped) "
+            "or hints=[('@flatten', 'nchw')] (transposes first: no regroup); CLI: --hint "
+            "@flatten=nhwc or --hint @flatten=nchw",
+            (_FLATTENS,),
+        )
     log.append(
-        f"{chosen.path}: follows a conv stack through a flatten; regrouping its input from "
+        f"{chosen[1].path}: follows a conv stack through a flatten; regrouping its input from "
         f"{'NCHW' if torch_side else 'NHWC'} to {'NHWC' if torch_side else 'NCHW'} order "
         f"({channels} channels)"
     )
-    return chosen, channels
+    return chosen[0], channels
 
 
 def _describe(n: Node) -> str:
     assert n.spec is not None
     return f"{n.spec.name} {n.spec.shape}"
-
-
-def _failure_message(result: MatchResult, problems: list[str]) -> str:
-    lines = ["failed to pair the following tensors:"]
-    for c in result.conflicts:
-        lines.append(
-            "  ambiguous: these have the same shapes, and neither names nor order tell "
-            "which is which:"
-        )
-        for t in c.targets:
-            lines += [f"    OUT {_describe(leaf)}" for leaf in t.leaves()]
-        for s in c.sources:
-            lines += [f"    IN  {_describe(leaf)}" for leaf in s.leaves()]
-        t_sub, s_sub = _unique_part(c.targets[0], c.targets), _unique_part(c.sources[0], c.sources)
-        lines.append(
-            f"    if {c.targets[0].path!r} corresponds to {c.sources[0].path!r}, pass "
-            f"hints=[({t_sub!r}, {s_sub!r})] (CLI: --hint {t_sub}={s_sub})"
-        )
-    if result.unpaired_targets or result.unpaired_sources:
-        lines.append("  no counterpart with a matching role and size:")
-        lines += [f"    OUT {_describe(n)} [{n.role}]" for n in result.unpaired_targets[:40]]
-        lines += [f"    IN  {_describe(n)} [{n.role}]" for n in result.unpaired_sources[:40]]
-        bias = _bias_mismatch(result)
-        if bias:
-            lines.append(f"  {bias}")
-    lines += [f"  {p}" for p in problems[:20]]
-    return "\n".join(lines)
-
-
-def _unique_part(node: Node, group: Sequence[Node]) -> str:
-    return node.name if all(node.name not in o.path for o in group if o is not node) else node.path
 
 
 def _bias_mismatch(result: MatchResult) -> str:

@@ -18,7 +18,8 @@ from typing import Any
 
 from weightbridge import dtypes
 from weightbridge.errors import PlanError, RuleError
-from weightbridge.layouts import canonical_framework, convert_param, is_buffer
+from weightbridge.layout_flags import convert_params
+from weightbridge.layouts import is_buffer
 from weightbridge.ops import Cast, Op, Reshape, infer
 from weightbridge.plan import Plan, Step
 from weightbridge.rules import resolve as resolve_rules
@@ -110,10 +111,9 @@ def make_plan(
     ---------  -----  -----  ---------  ---
     fc.kernel  3x4    F32    fc.weight  permute(1,0)
     """
-    src_fw, dst_fw = canonical_framework(from_framework), canonical_framework(to_framework)
     cast_to = dtypes.canonical(dtype) if dtype else None
     unused: dict[str, str] = {}
-    candidates: dict[str, tuple[TensorSpec, tuple[Op, ...]]] = {}
+    renamed: list[tuple[TensorSpec, str]] = []
     for t in source:
         name = t.name
         for rule in renames:
@@ -121,32 +121,33 @@ def make_plan(
         if not name:
             unused[t.name] = "dropped by rule"
             continue
-        ops: tuple[Op, ...] = ()
-        if src_fw and dst_fw and src_fw != dst_fw:
-            change = convert_param(
-                name,
-                t.shape,
-                src_fw,
-                dst_fw,
-                target[name].shape if target is not None and name in target else None,
-            )
-            head = name[: len(name) - len(re.split(r"[./]", name)[-1])]
-            name, ops = head + change.leaf, change.ops
+        renamed.append((t, name))
+    layout = convert_params(
+        [(name, t.shape) for t, name in renamed],
+        from_framework,
+        to_framework,
+        None if target is None else {t.name: t.shape for t in target},
+        strict=target is None,
+    )
+    # name -> (source spec, ops, whether the layout flags decided this tensor's role)
+    candidates: dict[str, tuple[TensorSpec, tuple[Op, ...], bool]] = {}
+    for (t, _), change in zip(renamed, layout.changes, strict=True):
+        name = change.name
         if name in candidates:
             other = candidates[name][0].name
             raise PlanError(
                 f"source tensors {other!r} and {t.name!r} both become {name!r}; "
                 "fix the rename rules so each target name comes from one source"
             )
-        candidates[name] = (t, ops)
+        candidates[name] = (t, change.ops, change.problem is None)
 
     steps: list[Step] = []
     if target is None:
-        for name, (t, ops) in candidates.items():
+        for name, (t, ops, _) in candidates.items():
             shape, dt = infer(ops, [t.shape], t.dtype, where=f"tensor {t.name!r}")
             ops, dt = _with_cast(ops, dt, cast_to)
             steps.append(Step(TensorSpec(name, shape, dt), (t.name,), ops))
-        return Plan.build(source, steps, unused=unused)
+        return Plan.build(source, steps, unused=unused, notes=layout.notes)
 
     paired: dict[str, tuple[tuple[str, ...], tuple[Op, ...]]] = {}
     kept_by_rule: list[str] = []
@@ -155,20 +156,31 @@ def make_plan(
         paired.update(outcome.steps)
         kept_by_rule = outcome.fallback
     taken = {s for snames, _ in paired.values() for s in snames}
-    for name, (t, ops) in candidates.items():
+    for name, (t, ops, decided) in candidates.items():
         if (
-            name in target
+            # With a matcher, even equal names pair through it: the ops of a 2-D weight depend
+            # on how the whole checkpoint stores them (a GPT-2 Conv1D under nn.Linear names).
+            matcher is None
+            and name in target
             and name not in paired
             and name not in kept_by_rule
             and t.name not in taken
+            # A tensor whose layout the flags could not decide pairs by name only as it is;
+            # otherwise the matcher decides.
+            and (decided or target[name].shape == t.shape)
         ):
             paired[name] = ((t.name,), _fit(ops, t, target[name]))
     taken = {s for snames, _ in paired.values() for s in snames}
-    left_src = [t for name, (t, _) in candidates.items() if t.name not in taken]
+    left_src = [t for name, (t, _, _) in candidates.items() if t.name not in taken]
     left_tgt = [t for t in target if t.name not in paired and t.name not in kept_by_rule]
     if (left_src or left_tgt) and matcher is not None:
-        for tname, snames, ops in matcher(left_src, left_tgt):
-            paired[tname] = (snames, ops)
+        # The matcher sees the renamed names; its pairs are mapped back to the source's.
+        original = {name: t.name for name, (t, _, _) in candidates.items() if t.name not in taken}
+        as_renamed = [
+            TensorSpec(name, source[o].shape, source[o].dtype) for name, o in original.items()
+        ]
+        for tname, snames, ops in matcher(as_renamed, left_tgt):
+            paired[tname] = (tuple(original[s] for s in snames), ops)
         used = {s for snames, _ in paired.values() for s in snames}
         left_src = [t for t in left_src if t.name not in used]
         left_tgt = [t for t in target if t.name not in paired]
@@ -180,7 +192,8 @@ def make_plan(
         unused[t.name] = (
             "buffer, not carried over" if is_buffer(t.name) else "no counterpart in the target"
         )
-    notes = [f"target buffer {t.name} has no source; it keeps its own value" for t in kept]
+    notes = [*layout.notes]
+    notes += [f"target buffer {t.name} has no source; it keeps its own value" for t in kept]
     notes += [line for line in getattr(matcher, "log", []) if line.startswith("sliced:")]
     own = [*kept_by_rule, *(t.name for t in left_tgt)]
     for name in kept_by_rule:
@@ -221,12 +234,40 @@ def _fit(ops: tuple[Op, ...], src: TensorSpec, tgt: TensorSpec) -> tuple[Op, ...
     if shape == tgt.shape:
         return ops
     if math.prod(shape) == math.prod(tgt.shape):
-        return (*ops, Reshape(tgt.shape))
+        if _splits_or_merges(shape, tgt.shape):
+            return (*ops, Reshape(tgt.shape))
+        raise PlanError(
+            f"source {src.name!r} {src.shape} becomes {shape} but target {tgt.name!r} is "
+            f"{tgt.shape}: the same elements grouped along other axes, which a reshape would "
+            "scramble; check the rename rules and --from/--to, or leave the pair to --like's "
+            "matcher (rename it to a name the target does not have)"
+        )
     raise PlanError(
         f"source {src.name!r} {src.shape} becomes {shape} but target {tgt.name!r} is {tgt.shape}: "
         "they do not hold the same number of elements; check the rename rules, or use partial "
         "loading to keep the target's own value"
     )
+
+
+def _splits_or_merges(a: tuple[int, ...], b: tuple[int, ...]) -> bool:
+    """True when one shape only splits or merges axes of the other (size-1 axes aside).
+
+    ``(1, 1, 1, 8)`` -> ``(8,)`` and ``(4, 8)`` -> ``(4, 2, 4)`` keep every element's place in
+    the grouping; ``(4, 8)`` -> ``(8, 4)`` does not (it is a transpose's shape, not a reshape's).
+
+    >>> _splits_or_merges((4, 8), (4, 2, 4)), _splits_or_merges((4, 8), (8, 4))
+    (True, False)
+    """
+
+    def cuts(shape: tuple[int, ...]) -> set[int]:
+        out, n = set(), 1
+        for d in shape:
+            n *= d
+            out.add(n)
+        return out
+
+    x, y = cuts(a), cuts(b)
+    return x <= y or y <= x
 
 
 def _with_cast(ops: tuple[Op, ...], dtype: str, cast_to: str | None) -> tuple[tuple[Op, ...], str]:
