@@ -27,6 +27,7 @@ leave no doubt (see `infer_framework`); the plan notes what was inferred.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections import Counter, defaultdict
 from collections.abc import Mapping, Sequence
@@ -135,7 +136,8 @@ class Inference:
     voted: bool = False  # some leaves belong to one framework only
 
 
-@dataclass(frozen=True, slots=True)
+# Not frozen: one is made for every tensor, and a frozen dataclass is twice as slow to make.
+@dataclass(slots=True)
 class _Name:
     head: str  # everything before the leaf, separator included: "encoder.fc.", "layers/dense/"
     leaf: str  # as written: "weight", "kernel:0", "vars/0"
@@ -149,27 +151,38 @@ class _Name:
     @property
     def module(self) -> str:
         """The module's own name (the last component of the head); "" at the top level."""
-        parts = [p for p in re.split(r"[./]", self.head) if p]
-        return parts[-1] if parts else ""
+        return _last_component(self.head)
 
     @property
     def parent(self) -> str:
-        parts = [p for p in re.split(r"[./]", self.head) if p]
-        return parts[-2] if len(parts) > 1 else ""
+        head = self.head.rstrip("./")
+        cut = max(head.rfind("."), head.rfind("/"))
+        return _last_component(head[:cut]) if cut >= 0 else ""
+
+
+def _last_component(path: str) -> str:
+    """The last non-empty component of `path` ("" if none), without splitting all of it."""
+    path = path.rstrip("./")
+    return path[max(path.rfind("."), path.rfind("/")) + 1 :]
+
+
+def _split(name: str) -> list[str]:
+    """``re.split(r"[./]", name)``, ~3x faster (this runs on every name)."""
+    return name.replace("/", ".").split(".")
 
 
 def _parse(name: str, family: str) -> _Name:
-    m = _KERAS3.match(name)
-    if m and family in _KERAS:
+    m = _KERAS3.match(name) if family in _KERAS else None
+    if m:
         return _Name(m["head"], name[len(m["head"]) :], m["index"], True)
-    leaf = re.split(r"[./]", name)[-1]
+    leaf = _split(name)[-1]
     key = leaf
     if family in _KERAS:
         key = re.sub(r":\d+$", "", key).lstrip("_") or key
     return _Name(name[: len(name) - len(leaf)], leaf, key, False)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen, like _Name
 class _Role:
     kind: str
     problem: str | None = None
@@ -239,18 +252,57 @@ def _change(
     else:
         prefix = role.prefix + parsed.sep if role.prefix else ""
         new = parsed.head + prefix + leaf
-    if ops and target_shape is not None and new != name:
+    return _against_target(ParamChange(name, new, ops, role.kind), shape, dst_c, target_shape)
+
+
+def _against_target(
+    change: ParamChange, shape: Shape, dst_c: str, target_shape: Shape | None
+) -> ParamChange:
+    """`change`, or a problem when the target holds the tensor in the source's own layout."""
+    new, ops = change.name, change.ops
+    if ops and target_shape is not None and new != change.source:
         after = _shape_after(shape, ops)
         if tuple(target_shape) != after and tuple(target_shape) == shape:
             return ParamChange(
-                name,
-                name,
+                change.source,
+                change.source,
                 (),
-                role.kind,
+                change.role,
                 f"the target's {new!r} has the source's own shape {shape}, not the "
                 f"{dst_c} layout {after}",
             )
-    return ParamChange(name, new, ops, role.kind)
+    return change
+
+
+# The parameter names each non-torch family uses, and their roles.
+_KNOWN: dict[str, dict[str, str]] = {
+    "flax": {
+        "kernel": DENSE,
+        "embedding": EMBEDDING,
+        "scale": SCALE,
+        "bias": BIAS,
+        "mean": MEAN,
+        "var": VAR,
+    },
+    "haiku": {
+        "w": DENSE,
+        "embeddings": EMBEDDING,
+        "scale": SCALE,
+        "offset": NORM_BIAS,
+        "b": BIAS,
+    },
+    "keras": {
+        "kernel": DENSE,
+        "depthwise_kernel": DEPTHWISE,
+        "pointwise_kernel": CONV,
+        "embeddings": EMBEDDING,
+        "gamma": SCALE,
+        "beta": NORM_BIAS,
+        "bias": BIAS,
+        "moving_mean": MEAN,
+        "moving_variance": VAR,
+    },
+}
 
 
 def _role(full: str, n: _Name, shape: Shape, sib: Mapping[str, Shape], family: str) -> _Role:
@@ -261,35 +313,7 @@ def _role(full: str, n: _Name, shape: Shape, sib: Mapping[str, Shape], family: s
         return _torch_role(n, shape, sib)
     if family in _KERAS and n.keras3:
         return _keras3_role(n, shape, sib)
-    known: dict[str, dict[str, str]] = {
-        "flax": {
-            "kernel": DENSE,
-            "embedding": EMBEDDING,
-            "scale": SCALE,
-            "bias": BIAS,
-            "mean": MEAN,
-            "var": VAR,
-        },
-        "haiku": {
-            "w": DENSE,
-            "embeddings": EMBEDDING,
-            "scale": SCALE,
-            "offset": NORM_BIAS,
-            "b": BIAS,
-        },
-        "keras": {
-            "kernel": DENSE,
-            "depthwise_kernel": DEPTHWISE,
-            "pointwise_kernel": CONV,
-            "embeddings": EMBEDDING,
-            "gamma": SCALE,
-            "beta": NORM_BIAS,
-            "bias": BIAS,
-            "moving_mean": MEAN,
-            "moving_variance": VAR,
-        },
-    }
-    kind = known["keras" if family in _KERAS else family].get(n.key)
+    kind = _KNOWN["keras" if family in _KERAS else family].get(n.key)
     if kind is None:
         if rank <= 1:
             return _Role(KEEP)
@@ -381,6 +405,7 @@ def _torch_role(n: _Name, shape: Shape, sib: Mapping[str, Shape]) -> _Role:
     )
 
 
+@functools.lru_cache(maxsize=4096)
 def _embedding_name(own: str) -> bool:
     if own in _EMBED_EXACT:
         return True
@@ -467,6 +492,7 @@ _K3_NORMS = {
 }
 
 
+@functools.lru_cache(maxsize=256)
 def _kernel_axes(rank: int, src: str, dst: str) -> tuple[Op, ...]:
     if (src in _OUT_IN) == (dst in _OUT_IN) or rank < 2:
         return ()
@@ -602,7 +628,10 @@ def convert_params(
     their name (``problem`` says why) and an uncertain source framework means no change.
     """
     src_c, dst_c = canonical_framework(src), canonical_framework(dst)
-    same = [ParamChange(n, n, (), KEEP) for n, _ in params]
+
+    def same() -> tuple[ParamChange, ...]:  # every tensor as it is (made only when returned)
+        return tuple(ParamChange(n, n, (), KEEP) for n, _ in params)
+
     if dst_c is None:
         if src_c is not None and strict:
             raise PlanError(
@@ -610,7 +639,7 @@ def convert_params(
                 f"convert into ({', '.join(f for f in _LAYOUT_FRAMEWORKS if f != src_c)}), or "
                 "leave --from out to copy the tensors as they are"
             )
-        return LayoutResult(tuple(same))
+        return LayoutResult(same())
     if strict and "numpy" in (src_c, dst_c):
         raise PlanError(
             "numpy has no layout convention, so --from/--to numpy cannot say how tensors change; "
@@ -636,14 +665,14 @@ def convert_params(
                 return _finish(params, results[0], f"--from {said}", dst_c, notes, strict)
         if src_c is None:
             if not strict:
-                return LayoutResult(tuple(same))
+                return LayoutResult(same())
             choices = inferred.candidates or tuple(f for f in _LAYOUT_FRAMEWORKS if f != dst_c)
             raise PlanError(
                 f"--to {dst_c} needs --from: the source framework cannot be told from the names "
                 f"({inferred.evidence}); pass --from {' or --from '.join(choices)}"
             )
     if src_c == dst_c:
-        return LayoutResult(tuple(same), tuple(notes))
+        return LayoutResult(same(), tuple(notes))
     changes = _all(params, src_c, dst_c, target_shapes)
     return _finish(params, changes, f"--from {src_c}", dst_c, notes, strict)
 
@@ -699,6 +728,6 @@ def _all(
         sib = by_module[(p.head, p.keras3)]
         change = _change(name, p, tuple(shape), sib, src, dst, None)
         if target_shapes is not None and change.ops and change.name in target_shapes:
-            change = _change(name, p, tuple(shape), sib, src, dst, target_shapes[change.name])
+            change = _against_target(change, tuple(shape), dst, target_shapes[change.name])
         out.append(change)
     return out

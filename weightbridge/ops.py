@@ -32,9 +32,11 @@ class Permute:
 
     def out_shape(self, shapes: Sequence[Shape]) -> Shape:
         (shape,) = shapes
+        if self.axes == (1, 0) and len(shape) == 2:  # a 2-D transpose, the common case
+            return (shape[1], shape[0])
         if sorted(self.axes) != list(range(len(shape))):
             raise PlanError(f"permute {list(self.axes)} does not fit a tensor of shape {shape}")
-        return tuple(shape[a] for a in self.axes)
+        return tuple([shape[a] for a in self.axes])
 
     def apply(self, arrays: Sequence[np.ndarray]) -> np.ndarray:
         return arrays[0].transpose(self.axes)

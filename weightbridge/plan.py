@@ -137,8 +137,10 @@ class Plan:
             try:
                 srcs = [source[s] for s in step.sources]
                 dtype = srcs[0].dtype
-                if any(s.dtype != dtype for s in srcs) and not any(
-                    isinstance(o, Cast) for o in step.ops
+                if (
+                    len(srcs) > 1
+                    and any(s.dtype != dtype for s in srcs)
+                    and not any(isinstance(o, Cast) for o in step.ops)
                 ):
                     problems.append(
                         f"step {name!r}: sources have different dtypes {[s.dtype for s in srcs]}"

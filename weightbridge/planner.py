@@ -10,9 +10,11 @@ that lists both sides.
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import math
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -111,6 +113,41 @@ def make_plan(
     ---------  -----  -----  ---------  ---
     fc.kernel  3x4    F32    fc.weight  permute(1,0)
     """
+    with _gc_paused():
+        return _make_plan(
+            source, target, renames, from_framework, to_framework, dtype, matcher, rules, partial
+        )
+
+
+@contextlib.contextmanager
+def _gc_paused() -> Iterator[None]:
+    """Pause the cyclic garbage collector while planning.
+
+    Planning allocates hundreds of thousands of small container objects that live until it
+    ends (tree nodes, dicts, tuples), and the collector would scan them again and again: a
+    third of the time at 20,000 tensors. They hold no reference cycles, so reference counting
+    frees them; the collector's previous state is restored afterwards.
+    """
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
+def _make_plan(
+    source: CheckpointSpec,
+    target: CheckpointSpec | None,
+    renames: Sequence[Rename],
+    from_framework: str | None,
+    to_framework: str | None,
+    dtype: str | None,
+    matcher: Matcher | None,
+    rules: Mapping[str, Any] | None,
+    partial: bool,
+) -> Plan:
     cast_to = dtypes.canonical(dtype) if dtype else None
     unused: dict[str, str] = {}
     renamed: list[tuple[TensorSpec, str]] = []
@@ -176,9 +213,7 @@ def make_plan(
     if (left_src or left_tgt) and matcher is not None:
         # The matcher sees the renamed names; its pairs are mapped back to the source's.
         original = {name: t.name for name, (t, _, _) in candidates.items() if t.name not in taken}
-        as_renamed = [
-            TensorSpec(name, source[o].shape, source[o].dtype) for name, o in original.items()
-        ]
+        as_renamed = [source[o].renamed(name) for name, o in original.items()]
         for tname, snames, ops in matcher(as_renamed, left_tgt):
             paired[tname] = (tuple(original[s] for s in snames), ops)
         used = {s for snames, _ in paired.values() for s in snames}
