@@ -815,18 +815,23 @@ def _numbers(name: str) -> tuple[int, ...]:
 
 def _index_like(nodes: Sequence[Node], *, use_path: bool = False) -> bool:
     """Names (or full paths) that differ only in their numbers (``0``, ``1``; ``Dense_0``...)."""
-    return _index_like_keys(tuple(n.path if use_path else n.name for n in nodes))
+    if use_path:  # paths are unique to their group: nothing to gain from the cache
+        return _keys_index_like(tuple(n.path for n in nodes))
+    return _index_like_keys(tuple(n.name for n in nodes))
 
 
-@functools.lru_cache(maxsize=1024)
-def _index_like_keys(keys: tuple[str, ...]) -> bool:
-    """`_index_like` on the names alone (cached like `_index_order`)."""
+def _keys_index_like(keys: tuple[str, ...]) -> bool:
+    """`_index_like` on the names alone."""
     if len(set(keys)) != len(keys):  # two nodes both called "1" (conv.0.1, conv.1.1) say nothing
         return False
-    if all(k.isascii() for k in keys) and len({k.translate(_NO_DIGITS) for k in keys}) > 1:
+    if "".join(keys).isascii() and len({k.translate(_NO_DIGITS) for k in keys}) > 1:
         return False  # they differ in more than numbers (a quick test before the regex)
     stems = {_stem(k) for k in keys}
     return len(stems) == 1 and "#" in next(iter(stems))
+
+
+# Cached: every layer's tied groups have the same names.
+_index_like_keys = functools.lru_cache(maxsize=1024)(_keys_index_like)
 
 
 @functools.lru_cache(maxsize=1 << 16)
@@ -997,21 +1002,34 @@ def _is_definition_order(specs: Sequence[TensorSpec]) -> bool:
     if all(a <= b for a, b in itertools.pairwise(map(natural_key, names))):
         return False
     # Contiguity in one pass: a module is closed when a name leaves it, and a closed module
-    # must not come back.
-    closed: set[tuple[str, ...]] = set()
-    prev: list[str] = []
+    # must not come back. Modules are strings ("a.b" for a/b/w, "/" read as "."), each name's
+    # walked up from its own only as far as it differs from the previous name's.
+    closed: set[str] = set()
+    prev: str | None = None  # the previous name's module (None: at the top level)
     for name in names:
-        parts = _split(name)[:-1]
-        common, most = 0, min(len(prev), len(parts))
-        while common < most and prev[common] == parts[common]:
-            common += 1
-        for depth in range(common + 1, len(prev) + 1):
-            closed.add(tuple(prev[:depth]))
-        for depth in range(common + 1, len(parts) + 1):
-            if tuple(parts[:depth]) in closed:
+        path = name.replace("/", ".")
+        cut = path.rfind(".")
+        module = path[:cut] if cut >= 0 else None
+        if module == prev:
+            continue
+        m = prev
+        while m is not None and (module is None or not _within(module, m)):
+            closed.add(m)  # left
+            cut = m.rfind(".")
+            m = m[:cut] if cut >= 0 else None
+        m = module
+        while m is not None and (prev is None or not _within(prev, m)):
+            if m in closed:  # entered again
                 return False
-        prev = parts
+            cut = m.rfind(".")
+            m = m[:cut] if cut >= 0 else None
+        prev = module
     return True
+
+
+def _within(module: str, outer: str) -> bool:
+    """True if `module` is `outer` or inside it (whole components)."""
+    return module.startswith(outer) and (len(module) == len(outer) or module[len(outer)] == ".")
 
 
 @dataclass(frozen=True)

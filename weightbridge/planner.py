@@ -126,7 +126,8 @@ def _gc_paused() -> Iterator[None]:
     Planning allocates hundreds of thousands of small container objects that live until it
     ends (tree nodes, dicts, tuples), and the collector would scan them again and again: a
     third of the time at 20,000 tensors. They hold no reference cycles, so reference counting
-    frees them; the collector's previous state is restored afterwards.
+    frees them; the collector's previous state is restored afterwards. (The switch is
+    process-wide: other threads' collections wait too, for as long as a plan takes.)
     """
     enabled = gc.isenabled()
     gc.disable()
@@ -215,7 +216,7 @@ def _make_plan(
         original = {name: t.name for name, (t, _, _) in candidates.items() if t.name not in taken}
         as_renamed = [source[o].renamed(name) for name, o in original.items()]
         for tname, snames, ops in matcher(as_renamed, left_tgt):
-            paired[tname] = (tuple(original[s] for s in snames), ops)
+            paired[tname] = (tuple([original[s] for s in snames]), ops)
         used = {s for snames, _ in paired.values() for s in snames}
         left_src = [t for t in left_src if t.name not in used]
         left_tgt = [t for t in target if t.name not in paired]
