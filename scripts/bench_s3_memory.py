@@ -30,7 +30,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from bench_stream import RENAMES, make_checkpoint, run_polled
 
-from weightbridge.stream import parse_size
+from weightbridge.streaming.convert import parse_size
 
 BUCKET = "weightbridge-bench"
 MEMORY_SLACK = 256 << 20

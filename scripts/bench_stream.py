@@ -40,8 +40,8 @@ from weightbridge import api, dtypes
 from weightbridge.io import writer_class
 from weightbridge.io.sharded import write_index
 from weightbridge.spec import TensorSpec
-from weightbridge.stream import parse_size
-from weightbridge.transform import kernel_available
+from weightbridge.streaming.convert import parse_size
+from weightbridge.streaming.transform import kernel_available
 
 HIDDEN = 2048
 INTERMEDIATE = 5632

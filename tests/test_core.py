@@ -16,14 +16,14 @@ from weightbridge import dtypes
 from weightbridge.errors import DtypeError, PlanError, SpecError
 from weightbridge.ops import Cast, Concat, Permute, Reshape, Slice, Stack, infer, op_from_json
 from weightbridge.plan import Plan, Step
-from weightbridge.planner import Rename, make_plan
+from weightbridge.planning.planner import Rename, make_plan
 from weightbridge.spec import CheckpointSpec, TensorSpec, load_spec_file
-from weightbridge.transform import blocked_copy, compute
+from weightbridge.streaming.transform import blocked_copy, compute
 
 
 def test_core_import_pulls_in_no_framework() -> None:
     code = (
-        "import sys, weightbridge, weightbridge.api, weightbridge.cli, weightbridge.stream;"
+        "import sys, weightbridge, weightbridge.api, weightbridge.cli, weightbridge.streaming.convert;"
         "import weightbridge.io as w; [w._module(n) for n in ('safetensors', 'sharded')];"
         "print(sorted(m for m in ('torch', 'jax', 'flax', 'tensorflow', 'keras') if m in sys.modules))"
     )

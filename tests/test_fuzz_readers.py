@@ -240,7 +240,7 @@ def fuzz(target: str, work: Path) -> None:
         files: list[tuple[str, Callable[[str], Any]]] = []
         from weightbridge.errors import WeightbridgeError
         from weightbridge.plan import Plan
-        from weightbridge.rulesfile import load_renames, load_transforms
+        from weightbridge.planning.rulesfile import load_renames, load_transforms
         from weightbridge.spec import load_spec_file
 
         files = [

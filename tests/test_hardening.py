@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 
 from weightbridge import api
-from weightbridge.dest import LocalDirectory
 from weightbridge.errors import ConversionError
 from weightbridge.io import write_checkpoint
+from weightbridge.streaming.dest import LocalDirectory
 
 
 def _source(tmp_path, n: int = 6, rows: int = 256):
@@ -42,7 +42,7 @@ def test_a_killed_holder_leaves_no_stuck_lock(tmp_path) -> None:
     (tmp_path / "out").mkdir()
     code = textwrap.dedent(f"""
         import os, signal
-        from weightbridge.dest import LocalDirectory
+        from weightbridge.streaming.dest import LocalDirectory
         d = LocalDirectory({str(tmp_path / "out")!r})
         with d.lock():
             os.kill(os.getpid(), signal.SIGKILL)

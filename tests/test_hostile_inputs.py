@@ -97,7 +97,7 @@ CHILD = textwrap.dedent(
             bytearray(int(path))
             return
         elif kind == "rules":
-            rulesfile = importlib.import_module("weightbridge.rulesfile")
+            rulesfile = importlib.import_module("weightbridge.planning.rulesfile")
             rulesfile.load_renames(path)
             rulesfile.load_transforms(path)
             return

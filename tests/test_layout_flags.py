@@ -19,13 +19,13 @@ from typing import Any
 import numpy as np
 import pytest
 
-import weightbridge.layout_flags as layout_flags
+import weightbridge.planning.layout_flags as layout_flags
 from weightbridge.cli import main
 from weightbridge.errors import PlanError
 from weightbridge.io import open_reader, write_checkpoint
-from weightbridge.layout_flags import convert_params, infer_framework
 from weightbridge.ops import Permute, Reshape
-from weightbridge.planner import Rename, make_plan
+from weightbridge.planning.layout_flags import convert_params, infer_framework
+from weightbridge.planning.planner import Rename, make_plan
 from weightbridge.spec import CheckpointSpec, TensorSpec
 
 

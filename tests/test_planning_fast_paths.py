@@ -13,7 +13,7 @@ import re
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from weightbridge.match import (
+from weightbridge.planning.match import (
     _CAMEL,
     _CONCEPT,
     _NON_LETTERS,

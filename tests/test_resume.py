@@ -30,7 +30,7 @@ from safetensors.numpy import save_file
 from weightbridge import api
 from weightbridge.errors import ConversionError
 from weightbridge.io.sharded import write_index
-from weightbridge.journal import JOURNAL_NAME
+from weightbridge.streaming.journal import JOURNAL_NAME
 
 INDEX = "model.safetensors.index.json"
 N_SHARDS = 8

@@ -10,9 +10,9 @@ import pytest
 
 from weightbridge.errors import PlanError, RuleError
 from weightbridge.ops import Concat, Permute
-from weightbridge.planner import make_plan
-from weightbridge.rules import Transform, apply_transformations
-from weightbridge.rulesfile import load_transforms
+from weightbridge.planning.planner import make_plan
+from weightbridge.planning.rules import Transform, apply_transformations
+from weightbridge.planning.rulesfile import load_transforms
 from weightbridge.spec import CheckpointSpec, TensorSpec
 
 # The examples of the orbax transform_utils guide (seed 002): (original, transformations, new).

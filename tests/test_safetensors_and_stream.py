@@ -22,9 +22,9 @@ from weightbridge.errors import (
 from weightbridge.io import open_reader, write_checkpoint
 from weightbridge.io.safetensors import encode_header
 from weightbridge.io.sharded import write_index
-from weightbridge.planner import Rename, make_plan
+from weightbridge.planning.planner import Rename, make_plan
 from weightbridge.spec import TensorSpec
-from weightbridge.stream import convert, layout_shards, verify
+from weightbridge.streaming.convert import convert, layout_shards, verify
 
 
 def torch_like(seed: int = 0) -> dict[str, np.ndarray]:
@@ -196,7 +196,7 @@ def test_a_tensor_larger_than_the_shard_limit_gets_its_own_shard(tmp_path) -> No
 
 
 def test_tiny_tiles_give_the_same_bytes(tmp_path, monkeypatch) -> None:
-    import weightbridge.transform as transform
+    import weightbridge.streaming.transform as transform
 
     write_sharded(tmp_path / "src", torch_like())
     plan = make_flax_plan(tmp_path / "src")

@@ -18,14 +18,15 @@ import safetensors.numpy
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from weightbridge import api, dtypes, stream
-from weightbridge.checksum import Checksum, crc32_combine
+from weightbridge import api, dtypes
 from weightbridge.errors import ConversionError, FormatError
 from weightbridge.io import write_checkpoint
 from weightbridge.io.base import ByteRange
 from weightbridge.io.safetensors import SafetensorsWriter
-from weightbridge.readahead import Readahead
 from weightbridge.spec import TensorSpec
+from weightbridge.streaming import convert as stream
+from weightbridge.streaming.checksum import Checksum, crc32_combine
+from weightbridge.streaming.readahead import Readahead
 
 
 @settings(max_examples=200, deadline=None)

@@ -14,8 +14,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from weightbridge import transform
-from weightbridge.transform import blocked_copy
+from weightbridge.streaming import transform
+from weightbridge.streaming.transform import blocked_copy
 
 pytestmark = pytest.mark.kernel
 

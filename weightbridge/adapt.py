@@ -19,11 +19,11 @@ import numpy as np
 from weightbridge import dtypes
 from weightbridge import io as wio
 from weightbridge.errors import DtypeError, PlanError, SpecError
-from weightbridge.match import Matcher
 from weightbridge.plan import Plan
-from weightbridge.planner import MINE, make_plan
+from weightbridge.planning.match import Matcher
+from weightbridge.planning.planner import MINE, make_plan
 from weightbridge.spec import CheckpointSpec, TensorSpec
-from weightbridge.transform import compute
+from weightbridge.streaming.transform import compute
 
 Hint = tuple[str, str]
 
@@ -62,7 +62,7 @@ def adapt(
         cache: a plan file saved on first use and reused while both sides' specs match. A
             relative path is taken relative to the directory of the calling module.
         verbose: print the matching steps and the final mapping table.
-        rules: ``{target_regex: Transform}`` applied before matching (`weightbridge.rules`);
+        rules: ``{target_regex: Transform}`` applied before matching (`weightbridge.planning.rules`);
             here, in memory, ``value_fn`` works too.
         partial: load what fits and keep mine's own values for the rest (seed: torch_liberator).
         slice_mismatched: with `partial`, copy the leading block of same-named tensors whose

@@ -17,16 +17,16 @@ import numpy as np
 
 from weightbridge import dtypes
 from weightbridge import io as wio
-from weightbridge.dest import Destination, destination_for
 from weightbridge.errors import PlanError, SpecError
 from weightbridge.io.base import UnionReader
-from weightbridge.match import Matcher as AutoMatcher
 from weightbridge.plan import Plan
-from weightbridge.planner import MINE, Matcher, Rename, make_plan
+from weightbridge.planning.match import Matcher as AutoMatcher
+from weightbridge.planning.planner import MINE, Matcher, Rename, make_plan
 from weightbridge.spec import CheckpointSpec, TensorSpec, load_spec_file
-from weightbridge.stream import DEFAULT_MAX_SHARD_SIZE, ConversionReport
-from weightbridge.stream import convert as _stream_convert
-from weightbridge.stream import verify as _stream_verify
+from weightbridge.streaming.convert import DEFAULT_MAX_SHARD_SIZE, ConversionReport
+from weightbridge.streaming.convert import convert as _stream_convert
+from weightbridge.streaming.convert import verify as _stream_verify
+from weightbridge.streaming.dest import Destination, destination_for
 
 PLAN_FILE = ".weightbridge-plan.json"
 
@@ -109,7 +109,7 @@ def plan(
     """Plan a conversion from specs alone (no tensor data is read). See `planner.make_plan`.
 
     With a target, explicit `rules` (``{target_regex: Transform}``) run first; tensors they and
-    the renames leave are paired by the automatic matcher (`weightbridge.match`), which
+    the renames leave are paired by the automatic matcher (`weightbridge.planning.match`), which
     `hints` (target substring, source substring) steer. `partial` loads what fits and keeps
     the target's own values elsewhere; `slice_mismatched` also copies the overlapping block of
     same-named tensors whose shapes differ (a 1000-class head into 10 classes).

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from weightbridge import __version__, api
 from weightbridge.errors import WeightbridgeError
 from weightbridge.plan import Plan
-from weightbridge.planner import Rename
+from weightbridge.planning.planner import Rename
 from weightbridge.spec import CheckpointSpec
 
 
@@ -53,7 +53,7 @@ def _shard_map(path: str) -> dict[str, str] | None:
 def _load_rules(args: argparse.Namespace) -> list[Rename]:
     rules = [Rename.parse(r) for r in args.rename or []]
     if args.rules:
-        from weightbridge.rulesfile import load_renames
+        from weightbridge.planning.rulesfile import load_renames
 
         rules = load_renames(args.rules) + rules
     return rules
@@ -64,7 +64,7 @@ def _make_plan(args: argparse.Namespace) -> Plan:
         return Plan.load(args.plan)
     transforms = None
     if args.rules:
-        from weightbridge.rulesfile import load_transforms
+        from weightbridge.planning.rulesfile import load_transforms
 
         transforms = load_transforms(args.rules)
     return api.plan(

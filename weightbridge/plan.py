@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from weightbridge.errors import DtypeError, PlanError, SpecError
-from weightbridge.layouts import is_buffer
 from weightbridge.ops import Cast, Op, describe, infer, op_from_json
+from weightbridge.planning.layouts import is_buffer
 from weightbridge.spec import CheckpointSpec, TensorSpec, parse_json
 
 PLAN_VERSION = 1

@@ -4,7 +4,7 @@ A `Reader` answers `specs()` from headers alone and `read(name)` with a read-onl
 memory-mapped where the bytes are contiguous on disk. A `ShardWriter` writes one output file whose
 full layout (every tensor's spec, in order) is declared up front; it then takes each tensor's
 data as C-order tiles of whole rows along axis 0, in order, and `close()` flushes and fsyncs.
-Atomic commit (temp name, rename) and the journal belong to `weightbridge.stream`, not here.
+Atomic commit (temp name, rename) and the journal belong to `weightbridge.streaming.convert`, not here.
 """
 
 from __future__ import annotations

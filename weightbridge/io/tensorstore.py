@@ -25,7 +25,7 @@ stored every chunk there, so a missing one is an error. Everything read is untru
 SECURITY.md): metadata is checked before tensorstore parses it, and a read is refused before
 allocating when the tensor cannot fit in the memory the process can get.
 
-Writing. `TensorstoreDestination` is the `weightbridge.dest.Destination` for kvstore URLs (and for
+Writing. `TensorstoreDestination` is the `weightbridge.streaming.dest.Destination` for kvstore URLs (and for
 local directories that should hold zarr or orbax output). Byte formats (safetensors, npz, h5,
 torch) are written to a local temporary file by their usual writer and uploaded with one PUT when
 complete: an object-store PUT is all-or-nothing, so the final key either holds the whole shard or
@@ -1540,7 +1540,7 @@ class TensorstoreDestination:
                 raise ConversionError(
                     f"{self.url}: cannot create the output directory ({e.strerror})"
                 ) from e
-        from weightbridge.journal import JOURNAL_NAME
+        from weightbridge.streaming.journal import JOURNAL_NAME
 
         # One cheap question with a short deadline, so a missing bucket, a wrong endpoint or
         # missing credentials fail here, before any work. A listing, because S3 answers a read
@@ -1606,7 +1606,7 @@ class TensorstoreDestination:
         return self.store.read_json(self._key(name))
 
     def write_json(self, name: str, obj: Any) -> None:
-        from weightbridge.journal import JOURNAL_NAME
+        from weightbridge.streaming.journal import JOURNAL_NAME
 
         if name == JOURNAL_NAME and isinstance(obj, dict):
             outputs = [str(n) for n in obj.get("outputs") or []]
@@ -1641,7 +1641,7 @@ class TensorstoreDestination:
             return self._shard_reader([name])
         if name is not None:
             return self._downloaded([name], name)
-        from weightbridge.journal import JOURNAL_NAME
+        from weightbridge.streaming.journal import JOURNAL_NAME
 
         journal = self.store.read_json(JOURNAL_NAME)
         outputs = [str(n) for n in (journal or {}).get("outputs") or []]

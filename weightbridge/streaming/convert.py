@@ -41,16 +41,16 @@ import numpy as np
 
 from weightbridge import dtypes
 from weightbridge import io as wio
-from weightbridge.checksum import Checksum
-from weightbridge.dest import Destination, ShardSink, destination_for
 from weightbridge.errors import ConversionError, VerifyError, WeightbridgeError
 from weightbridge.io.base import ByteRange
-from weightbridge.journal import Journal
 from weightbridge.ops import Reshape
 from weightbridge.plan import Plan, Step
-from weightbridge.readahead import Readahead
 from weightbridge.spec import TensorSpec
-from weightbridge.transform import blocked_copy, compute, source_view, tiles
+from weightbridge.streaming.checksum import Checksum
+from weightbridge.streaming.dest import Destination, ShardSink, destination_for
+from weightbridge.streaming.journal import Journal
+from weightbridge.streaming.readahead import Readahead
+from weightbridge.streaming.transform import blocked_copy, compute, source_view, tiles
 
 # Hugging Face's default shard limit; a tensor larger than the limit gets a shard of its own.
 DEFAULT_MAX_SHARD_SIZE = 5 * 10**9
@@ -724,7 +724,7 @@ def _tile_slices(view: np.ndarray, target: TensorSpec) -> Iterator[tuple[int, np
     if view.ndim == 0 or view.size == 0:
         yield 0, view
         return
-    from weightbridge.transform import TILE_BYTES
+    from weightbridge.streaming.transform import TILE_BYTES
 
     # Sized by the wider of the two dtypes: a bf16 -> f32 cast allocates f32 tiles.
     itemsize = max(view.dtype.itemsize, dtypes.itemsize(target.dtype))

@@ -34,8 +34,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from weightbridge.errors import PlanError
-from weightbridge.layouts import canonical_framework, is_buffer
 from weightbridge.ops import Op, Permute, Reshape
+from weightbridge.planning.layouts import canonical_framework, is_buffer
 
 Shape = tuple[int, ...]
 

@@ -137,7 +137,7 @@ def resolve(
             elif transform.multi_value_fn is not None:
                 raise RuleError(
                     f"rule '{key}': multi_value_fn needs the whole source tree in memory; use "
-                    "weightbridge.rules.apply_transformations or adapt(), or express it with ops"
+                    "weightbridge.planning.rules.apply_transformations or adapt(), or express it with ops"
                 )
             else:
                 outcome.steps[tspec.name] = _step(key, m, transform, source, tspec)

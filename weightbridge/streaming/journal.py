@@ -21,7 +21,7 @@ JOURNAL_VERSION = 2  # 2: shard checksums are CRC-32 + size (were sha256)
 class Journal:
     """In-memory copy of the journal of one destination."""
 
-    dest: Any  # a weightbridge.dest.Destination
+    dest: Any  # a weightbridge.streaming.dest.Destination
     job: str = ""
     shards: dict[str, dict[str, Any]] = field(default_factory=dict)
     complete: bool = False

@@ -16,8 +16,8 @@ from typing import Any
 
 from weightbridge.errors import DtypeError, PlanError, RuleError
 from weightbridge.ops import op_from_json
-from weightbridge.planner import Rename
-from weightbridge.rules import Transform
+from weightbridge.planning.planner import Rename
+from weightbridge.planning.rules import Transform
 from weightbridge.spec import parse_json
 
 # YAML aliases let a few lines name one list thousands of times over (a "billion laughs"); a rules

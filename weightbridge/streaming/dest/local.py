@@ -1,6 +1,6 @@
 """Destinations: where a conversion's shards, index and journal go, and how a shard commits.
 
-The converter (`weightbridge.stream`) speaks only to this protocol, so a local directory and
+The converter (`weightbridge.streaming.convert`) speaks only to this protocol, so a local directory and
 an object store (`weightbridge.io.tensorstore`, for ``s3://``, ``gs://``, ``memory://`` URLs)
 are interchangeable. A shard is written through `open_shard`; `ShardSink.commit` makes it
 visible under its final name atomically (local: fsync + rename), `abort` leaves nothing that

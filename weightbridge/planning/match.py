@@ -15,7 +15,7 @@ not change with axis order or framework. Matching then walks both trees from the
 3. what does not pair as subtrees is flattened and paired leaf by leaf, first by role and
    exact sizes, then by role and element count (``(8, 8)`` vs ``(64,)`` vs ``(1, 8, 8)``).
 
-Each pair then gets its ops from `weightbridge.layouts`: chosen by the parameter's role and
+Each pair then gets its ops from `weightbridge.planning.layouts`: chosen by the parameter's role and
 the shape the target demands, not by rank alone. What the matcher does not do: split or fuse
 tensors (see the rules), or check hyperparameters other than what shapes reveal.
 """
@@ -31,8 +31,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from weightbridge.errors import MatchError
-from weightbridge.fused import Part, join_ops, source_part_ops, split_fused
-from weightbridge.layouts import (
+from weightbridge.ops import Op
+from weightbridge.planning.fused import Part, join_ops, source_part_ops, split_fused
+from weightbridge.planning.layouts import (
     fit_ops,
     guess_family,
     is_buffer,
@@ -40,7 +41,6 @@ from weightbridge.layouts import (
     layout_permutation,
     leaf_role,
 )
-from weightbridge.ops import Op
 from weightbridge.spec import TensorSpec
 
 Hint = tuple[str, str]  # (substring of a target name, substring of a source name)
@@ -1110,7 +1110,7 @@ def match_specs(
     Every pairing and op must be justified by evidence (see the module docstring); otherwise
     the whole plan is refused, with every ambiguity listed at once and hints that were checked
     to resolve them. When one-to-one pairing fails, it is retried with fused (qkv, in_proj) and
-    stacked (experts) tensors on either side split into virtual parts (`weightbridge.fused`).
+    stacked (experts) tensors on either side split into virtual parts (`weightbridge.planning.fused`).
 
     Raises:
         MatchError: ambiguous ties (with hints that resolve them), unpaired tensors (both
@@ -1762,7 +1762,7 @@ def _slice_mismatched(
     Only targets no larger than their source on every axis are filled (a 1000-class head into a
     10-class one); a larger target keeps its own values.
     """
-    from weightbridge.layouts import layout_permutation
+    from weightbridge.planning.layouts import layout_permutation
 
     out: list[tuple[str, tuple[str, ...], tuple[Op, ...]]] = []
     by_key: dict[object, list[Node]] = defaultdict(list)

@@ -20,11 +20,11 @@ from typing import Any
 
 from weightbridge import dtypes
 from weightbridge.errors import PlanError, RuleError
-from weightbridge.layout_flags import convert_params
-from weightbridge.layouts import is_buffer
 from weightbridge.ops import Cast, Op, Reshape, infer
 from weightbridge.plan import Plan, Step
-from weightbridge.rules import resolve as resolve_rules
+from weightbridge.planning.layout_flags import convert_params
+from weightbridge.planning.layouts import is_buffer
+from weightbridge.planning.rules import resolve as resolve_rules
 from weightbridge.spec import CheckpointSpec, TensorSpec
 
 # Steps whose source names start with this read the *target* checkpoint: the target's own
@@ -99,8 +99,8 @@ def make_plan(
         renames: rename rules, applied in order to every source name.
         from_framework, to_framework: layout conventions (``pytorch``, ``flax``, ``keras``...).
         dtype: cast floating-point tensors to this dtype.
-        matcher: pairs tensors left unpaired by name (see `weightbridge.match`).
-        rules: ``{target_regex: Transform}`` applied before anything else (see `weightbridge.rules`).
+        matcher: pairs tensors left unpaired by name (see `weightbridge.planning.match`).
+        rules: ``{target_regex: Transform}`` applied before anything else (see `weightbridge.planning.rules`).
         partial: load what fits; targets nothing pairs keep their own value (a step whose
             source is ``mine:<name>``, read from the target checkpoint) instead of an error.
 
