@@ -30,7 +30,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from bench_stream import RENAMES, make_checkpoint, run_polled
 
-from weightbridge.streaming.convert import parse_size
+from weightbridge.planning.shards import parse_size
 
 BUCKET = "weightbridge-bench"
 MEMORY_SLACK = 256 << 20
@@ -41,18 +41,20 @@ MB = 1 << 20
 # machine: no max_object_size, and each shard read into bytes and passed to KvStore.write.
 BEFORE = (
     "import sys\n"
-    "import weightbridge.cli, weightbridge.io.tensorstore as wts\n"
-    "del wts.TensorstoreDestination.max_object_size\n"
+    "import weightbridge.cli, weightbridge.io._kvstore as wkv\n"
+    "import weightbridge.streaming.dest.object_store as wos\n"
+    "wos.TensorstoreDestination.max_object_size = lambda self, format: None\n"
     "def write_file(self, key, path):\n"
     "    with open(path, 'rb') as f:\n"
     "        data = f.read()\n"
     "    return len(data), self.write(key, data)\n"
-    "wts._Store.write_file = write_file\n"
+    "wkv.Store.write_file = write_file\n"
     "sys.exit(weightbridge.cli.main(sys.argv[1:]))\n"
 )
 
 BASELINE = (
-    "import weightbridge.api, weightbridge.cli, weightbridge.io, weightbridge.io.tensorstore\n"
+    "import weightbridge.api, weightbridge.cli, weightbridge.io, weightbridge.io.zarr\n"
+    "import weightbridge.streaming.dest.object_store\n"
     "import tensorstore\n"
     "with open('/proc/self/status') as f:\n"
     "    fields = dict(line.split(':', 1) for line in f)\n"

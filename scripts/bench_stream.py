@@ -39,8 +39,8 @@ import numpy as np
 from weightbridge import api, dtypes
 from weightbridge.io import writer_class
 from weightbridge.io.sharded import write_index
+from weightbridge.planning.shards import parse_size
 from weightbridge.spec import TensorSpec
-from weightbridge.streaming.convert import parse_size
 from weightbridge.streaming.transform import kernel_available
 
 HIDDEN = 2048

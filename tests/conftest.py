@@ -24,6 +24,11 @@ _FRAMEWORK_MODULES = {
     "kernel": "weightbridge._transpose",
     # transformers with its Flax classes (4.x; v5 dropped them), for the corpus's twin pairs.
     "transformers": "transformers.models.bert.modeling_flax_bert",
+    # jax libraries whose models are targets in the corpus (tests/corpus/cases_peers.py).
+    "haiku": "haiku",
+    "equinox": "equinox",
+    # llama.cpp's own Python package: the oracle for the GGUF reader and writer.
+    "gguf": "gguf",
 }
 
 
@@ -51,6 +56,11 @@ def pytest_configure(config: pytest.Config) -> None:
         "transformers: needs transformers 4.x with its Flax classes (skipped when absent unless "
         "WEIGHTBRIDGE_REQUIRE includes transformers)",
     )
+    for lib, pkg in (("haiku", "dm-haiku"), ("equinox", "equinox"), ("gguf", "gguf")):
+        config.addinivalue_line(
+            "markers",
+            f"{lib}: needs {pkg} (skipped when absent unless WEIGHTBRIDGE_REQUIRE includes {lib})",
+        )
     config.addinivalue_line(
         "markers",
         "kernel: needs the compiled transpose kernel (skipped when it was not built unless "

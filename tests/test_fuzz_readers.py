@@ -96,7 +96,7 @@ def _base(target: str, work: Path) -> bytes:
         index["weight_map"]["b"] = "s2.safetensors"
         return json.dumps(index).encode()
     if target == "torch-pickle":
-        from weightbridge.io.torch import encode_pickle
+        from weightbridge.io._torchzip import encode_pickle
         from weightbridge.spec import TensorSpec
 
         specs = [TensorSpec("a", (2, 3), "F32"), TensorSpec("h", (4,), "BF16")]

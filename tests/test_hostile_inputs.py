@@ -38,7 +38,9 @@ import numpy as np
 import pytest
 
 from weightbridge.io import write_checkpoint
-from weightbridge.io.torch import _ALLOWED, TorchReader, _PickleBuilder, encode_pickle
+from weightbridge.io._pickle import ALLOWED
+from weightbridge.io._torchzip import PickleBuilder, encode_pickle
+from weightbridge.io.torch import TorchReader
 from weightbridge.spec import TensorSpec
 
 pytestmark = pytest.mark.skipif(
@@ -281,7 +283,7 @@ def one_tensor_pickle(
     name: str = "w",
 ) -> bytes:
     """A state dict {name: tensor} whose storage, shape and strides are ours to choose."""
-    p = _PickleBuilder()
+    p = PickleBuilder()
     p.ordered_dict()
     p.out += b"("
     p.str_(name)
@@ -327,7 +329,7 @@ def legacy_checkpoint(arrays: dict[str, np.ndarray]) -> bytes:
     """What ``torch.save(sd, f, _use_new_zipfile_serialization=False)`` writes, built by hand."""
     from weightbridge import dtypes
 
-    p = _PickleBuilder()
+    p = PickleBuilder()
     p.ordered_dict()
     p.out += b"("
     data = b""
@@ -922,7 +924,7 @@ def _zip_entry_paths_escape(d: Path) -> list[Path]:
         zip_of({"archive/data.pkl": good, "archive/data/0": b"\0" * 4, bad: b""})
         for bad in ("../evil", "archive/../../evil", "/etc/evil", "C:/evil", "..\\evil")
     ]
-    p = _PickleBuilder()
+    p = PickleBuilder()
     p.ordered_dict()
     p.out += b"("
     p.str_("w")
@@ -1025,7 +1027,7 @@ def _pickle_bombs_without_tensors(d: Path) -> list[Path]:
 @case("reader", "torch")
 def _pickle_nesting_and_reference_bombs(d: Path) -> list[Path]:
     # One tensor reached 2**64 times through shared tuples: t -> (t, t) -> ((t, t), (t, t)) ...
-    p = _PickleBuilder()
+    p = PickleBuilder()
     p.out += b"("  # MARK for the dict
     p.str_("w")
     p.global_("torch._utils", "_rebuild_tensor_v2")
@@ -1395,7 +1397,7 @@ def test_payloads_are_live(tmp_path: Path) -> None:
 
 def test_hostile_pickle_cannot_change_how_later_files_read(tmp_path: Path) -> None:
     """BUILD on a shared global (``torch.FloatStorage``) must not poison this process."""
-    before = {k: repr(v) for k, v in _ALLOWED.items()}
+    before = {k: repr(v) for k, v in ALLOWED.items()}
     state = pickle.dumps(("torch.FloatStorage", "F64"), protocol=2)[2:-1]
     evil = write(
         tmp_path, "evil.bin", torch_zip(b"\x80\x02ctorch\nFloatStorage\n" + state + b"b0}.")
@@ -1406,7 +1408,7 @@ def test_hostile_pickle_cannot_change_how_later_files_read(tmp_path: Path) -> No
     evil2 = write(tmp_path, "evil2.bin", torch_zip(b"\x80\x02ctorch\nSize\n" + sizes + b"b0}."))
     with pytest.raises(Exception, match="read-only"):
         TorchReader(str(evil2))
-    assert {k: repr(v) for k, v in _ALLOWED.items()} == before
+    assert {k: repr(v) for k, v in ALLOWED.items()} == before
     good = base_file(tmp_path, "good.bin", "torch")
     with TorchReader(str(good)) as r:
         assert r.specs()["a"].dtype == "F32"

@@ -1,12 +1,12 @@
 """Hostile and broken inputs for the tensorstore reader: orbax, zarr, zarr3 and OCDBT.
 
 Like `test_hostile_inputs` (whose capped child this file reuses): every case builds checkpoints
-that `weightbridge.io.tensorstore` must refuse, and each is opened, and every tensor read, in a
-child process under ``RLIMIT_DATA`` (512 MB) with a timer on every call, both with the reader and
-through format detection. A case passes when each opening ends in a `FormatError` whose message
-names the offending file (or directory) and the tensor, and says what was expected and found.
-A reader that allocates what a file claims fails in the child (tensorstore aborts the process on
-a failed allocation), which shows up as a crash of that job.
+that `weightbridge.io.zarr` (the tensorstore format) must refuse, and each is opened, and every
+tensor read, in a child process under ``RLIMIT_DATA`` (512 MB) with a timer on every call, both
+with the reader and through format detection. A case passes when each opening ends in a
+`FormatError` whose message names the offending file (or directory) and the tensor, and says
+what was expected and found. A reader that allocates what a file claims fails in the child
+(tensorstore aborts the process on a failed allocation), which shows up as a crash of that job.
 
 Missing chunks: in a plain zarr array a missing chunk *is* its fill value (the zarr spec;
 tensorstore and zarr-python skip chunks equal to it), so it reads as the fill value, which
@@ -45,7 +45,7 @@ from test_hostile_inputs import MEMORY_CAP, run_jobs  # the capped child and its
 from test_io_tensorstore import BUCKET, s3  # noqa: F401  (s3: the moto S3 fixture)
 from test_io_tfcheckpoint import write_bundle  # a hand-built TF tensor bundle
 
-import weightbridge.io.tensorstore as wts
+import weightbridge.io.zarr as wts
 from weightbridge.errors import FormatError
 from weightbridge.io import msgpack as wmsgpack
 from weightbridge.io import open_reader
@@ -53,7 +53,7 @@ from weightbridge.io import open_reader
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="needs RLIMIT_DATA")
 ts = pytest.importorskip("tensorstore")
 
-MODULE = "weightbridge.io.tensorstore"
+MODULE = "weightbridge.io.zarr"
 OP_TIMEOUT = 20.0
 # The slowest honest job here takes about a second on an idle machine; this bound only catches
 # a hang or a blow-up (reading 100 000 absent arrays one by one), sized for a loaded 2-core
@@ -764,7 +764,7 @@ def test_a_read_is_refused_before_allocating_more_than_memory_allows(
 
 def test_memory_available_sees_rlimit_data(tmp_path: Path) -> None:
     code = (
-        "import resource; from weightbridge.io.tensorstore import _memory_available as m; "
+        "import resource; from weightbridge.io.zarr import _memory_available as m; "
         "before = m(); resource.setrlimit(resource.RLIMIT_DATA, (1 << 30, 1 << 30)); "
         "print(before, m())"
     )
@@ -913,7 +913,7 @@ def fuzz(target: str, work: Path) -> None:
     def check(content: bytes) -> None:
         root = fresh(content)
         try:
-            check_file(root, "tensorstore")
+            check_file(root, "zarr")
         finally:
             shutil.rmtree(root)
 

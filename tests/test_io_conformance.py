@@ -1,12 +1,13 @@
 """Every format passes the same suite: round trips, reference libraries, maps, truncation.
 
 A format joins by adding one `FormatCase` to `CASES`: how to save and load with its reference
-library, which dtypes that library handles, and whether `read` can return memory maps.
+library, which dtypes that library handles, and whether `read` can return memory maps. Every
+format with a writer is here; the reference-library tests skip when that library is absent.
 """
 
 from __future__ import annotations
 
-import mmap
+import importlib.util
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -14,6 +15,7 @@ import h5py
 import ml_dtypes
 import numpy as np
 import pytest
+from helpers import is_memory_map
 from safetensors.numpy import load_file, save_file
 
 from weightbridge import dtypes
@@ -59,6 +61,42 @@ def _h5_load(path: str) -> Arrays:
     return out
 
 
+def _torch_save(path: str, arrays: Arrays) -> None:
+    import torch
+
+    torch.save({k: torch.from_numpy(a.copy()) for k, a in arrays.items()}, path)
+
+
+def _torch_load(path: str) -> Arrays:
+    import torch
+
+    return {k: t.numpy() for k, t in torch.load(path, weights_only=True).items()}
+
+
+def _flax_save(path: str, arrays: Arrays) -> None:
+    from flax import serialization
+
+    from weightbridge._tree import unflatten
+
+    with open(path, "wb") as f:
+        f.write(serialization.msgpack_serialize(unflatten(arrays)))
+
+
+def _flax_load(path: str) -> Arrays:
+    from flax import serialization
+
+    from weightbridge._tree import flatten
+
+    with open(path, "rb") as f:
+        return {
+            k: np.asarray(v) for k, v in flatten(serialization.msgpack_restore(f.read())).items()
+        }
+
+
+def _installed(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
+
+
 @dataclass(frozen=True)
 class FormatCase:
     """What the conformance suite needs to know about one format."""
@@ -71,6 +109,8 @@ class FormatCase:
     saves: tuple[str, ...]  # dtypes the reference writes so that we can read them back
     loads: tuple[str, ...]  # dtypes of ours the reference reads (compared as raw bytes)
     maps: bool = True  # `read` returns memory maps of the file
+    metadata: bool = True  # the file keeps string metadata (a torch state dict has no place)
+    reference: str = ""  # the module the reference library needs ("" when always installed)
 
 
 CASES = [
@@ -85,12 +125,41 @@ CASES = [
     ),
     FormatCase("npz", "numpy", ".npz", _np_save, _np_load, saves=NATIVE, loads=dtypes.CODES),
     FormatCase("h5", "hdf5", ".h5", _h5_save, _h5_load, saves=NATIVE, loads=dtypes.CODES),
+    FormatCase(
+        "torch",
+        "torch",
+        ".bin",
+        _torch_save,
+        _torch_load,
+        saves=NATIVE,
+        loads=NATIVE,
+        metadata=False,
+        reference="torch",
+    ),
+    FormatCase(
+        "msgpack",
+        "msgpack",
+        ".msgpack",
+        _flax_save,
+        _flax_load,
+        saves=NATIVE,
+        loads=NATIVE,
+        reference="flax",
+    ),
 ]
 
 
 @pytest.fixture(params=CASES, ids=[c.format for c in CASES])
 def case(request: pytest.FixtureRequest) -> FormatCase:
     return request.param  # type: ignore[no-any-return]
+
+
+@pytest.fixture
+def reference(case: FormatCase) -> FormatCase:
+    """`case`, for a test that needs its reference library: skipped when that is absent."""
+    if case.reference and not _installed(case.reference):
+        pytest.skip(f"{case.reference} is not installed")
+    return case
 
 
 def random_array(code: str, shape: tuple[int, ...], rng: np.random.Generator) -> np.ndarray:
@@ -140,15 +209,6 @@ def assert_same(got: np.ndarray, want: np.ndarray, name: str) -> None:
     assert got.tobytes() == want.tobytes(), name
 
 
-def is_memory_map(arr: np.ndarray) -> bool:
-    base: object = arr
-    while isinstance(base, np.ndarray):
-        base = base.base
-    if isinstance(base, memoryview):
-        base = base.obj
-    return isinstance(base, mmap.mmap)
-
-
 def test_round_trip_every_dtype_bit_exact(case: FormatCase, tmp_path) -> None:
     arrays = sample()
     path = str(tmp_path / f"m{case.suffix}")
@@ -158,7 +218,7 @@ def test_round_trip_every_dtype_bit_exact(case: FormatCase, tmp_path) -> None:
     with open_reader(path) as r:
         spec = r.specs()
         assert spec.names == list(arrays)
-        assert dict(spec.metadata) == meta
+        assert dict(spec.metadata) == (meta if case.metadata else {})
         for name, want in arrays.items():
             assert spec[name].dtype == dtypes.from_numpy(want.dtype)
             got = r.read(name)
@@ -166,7 +226,8 @@ def test_round_trip_every_dtype_bit_exact(case: FormatCase, tmp_path) -> None:
             assert_same(got, want, name)
 
 
-def test_reference_library_reads_what_we_write(case: FormatCase, tmp_path) -> None:
+def test_reference_library_reads_what_we_write(reference: FormatCase, tmp_path) -> None:
+    case = reference
     arrays = sample(case.loads)
     path = str(tmp_path / f"m{case.suffix}")
     write_tiled(case, path, arrays, rows=3)
@@ -176,7 +237,8 @@ def test_reference_library_reads_what_we_write(case: FormatCase, tmp_path) -> No
         assert_same(back[name], want, name)
 
 
-def test_we_read_what_the_reference_library_writes(case: FormatCase, tmp_path) -> None:
+def test_we_read_what_the_reference_library_writes(reference: FormatCase, tmp_path) -> None:
+    case = reference
     arrays = sample(case.saves, seed=1)
     path = str(tmp_path / f"ref{case.suffix}")
     case.save(path, arrays)

@@ -7,13 +7,13 @@ module's own msgpack encoders.
 from __future__ import annotations
 
 import doctest
-import mmap
 import subprocess
 import sys
 
 import ml_dtypes
 import numpy as np
 import pytest
+from helpers import is_memory_map
 
 import weightbridge.io as wio
 import weightbridge.io.msgpack as mp
@@ -25,10 +25,9 @@ Arrays = dict[str, np.ndarray]
 
 
 @pytest.fixture
-def registered(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Register the format as `weightbridge.io` will once it joins the registry."""
-    monkeypatch.setitem(wio.FORMATS, mp.NAME, "weightbridge.io.msgpack")
-    monkeypatch.setitem(wio.OUTPUT_ALIASES, "msgpack", mp.NAME)
+def registered() -> None:
+    """The format is in the registry, for reading and writing."""
+    assert wio.FORMATS[mp.NAME].output_names == ("msgpack", "flax")
 
 
 def random_array(code: str, shape: tuple[int, ...], rng: np.random.Generator) -> np.ndarray:
@@ -86,15 +85,6 @@ def nested(arrays: Arrays) -> dict[str, object]:
             node = node.setdefault(p, {})  # type: ignore[assignment]
         node[leaf] = a  # type: ignore[index]
     return root
-
-
-def is_memory_map(arr: np.ndarray) -> bool:
-    base: object = arr
-    while isinstance(base, np.ndarray):
-        base = base.base
-    if isinstance(base, memoryview):
-        base = base.obj
-    return isinstance(base, mmap.mmap)
 
 
 def leaf(shape: tuple[int, ...], dtype_name: str, raw: bytes) -> bytes:

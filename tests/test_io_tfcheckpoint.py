@@ -18,6 +18,7 @@ import sys
 
 import numpy as np
 import pytest
+from helpers import is_memory_map
 
 import weightbridge.io as wio
 import weightbridge.io.tfcheckpoint as tfc
@@ -31,9 +32,9 @@ PREFIXES = {"keras": "ckpt-1", "saver": "model.ckpt", "sharded": "ckpt"}
 
 
 @pytest.fixture
-def registered(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Register the format as `weightbridge.io.FORMATS` will once it joins the registry."""
-    monkeypatch.setitem(wio.FORMATS, tfc.NAME, "weightbridge.io.tfcheckpoint")
+def registered() -> None:
+    """The format is in the registry."""
+    assert tfc.NAME in wio.FORMATS
 
 
 def copy_fixture(name: str, tmp_path) -> str:
@@ -49,17 +50,6 @@ def oracle(name: str) -> tuple[dict[str, dict[str, object]], dict[str, bytes]]:
     with np.load(os.path.join(FIXTURES, name + ".npz")) as z:
         raw = {k: z[k].tobytes() for k in z.files}
     return spec, raw
-
-
-def is_memory_map(arr: np.ndarray) -> bool:
-    import mmap
-
-    base: object = arr
-    while isinstance(base, np.ndarray):
-        base = base.base
-    if isinstance(base, memoryview):
-        base = base.obj
-    return isinstance(base, mmap.mmap)
 
 
 # --- a minimal SSTable / tensor bundle writer, to build inputs TensorFlow would never write ----

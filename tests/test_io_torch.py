@@ -23,16 +23,9 @@ import pytest
 from weightbridge import dtypes
 from weightbridge.errors import FormatError
 from weightbridge.io import detect_format, open_reader, write_checkpoint
-from weightbridge.io.torch import (
-    TorchReader,
-    TorchWriter,
-    _PickleBuilder,
-    _StorageRef,
-    _TensorRef,
-    detect,
-    encode_pickle,
-    flatten,
-)
+from weightbridge.io._pickle import StorageRef, TensorRef, flatten
+from weightbridge.io._torchzip import PickleBuilder, TorchWriter, encode_pickle
+from weightbridge.io.torch import TorchReader, detect
 from weightbridge.spec import TensorSpec
 
 # One array per dtype the writer supports, with awkward shapes: 0-d, empty, odd sizes.
@@ -254,7 +247,7 @@ def test_entry_names_with_dotdot_or_absolute_paths_are_refused(tmp_path) -> None
         with pytest.raises(FormatError, match="outside the checkpoint directory"):
             TorchReader(str(path))
     # A storage key in the pickle that climbs out of the archive.
-    p = _PickleBuilder()
+    p = PickleBuilder()
     p.ordered_dict()
     p.out += b"("
     p.str_("w")
@@ -284,7 +277,7 @@ def test_storage_smaller_than_tensor_is_refused(tmp_path) -> None:
     with pytest.raises(FormatError, match="holds 8 bytes, but the pickle declares 16"):
         TorchReader(str(path))
     # A tensor whose strides reach past its storage.
-    p = _PickleBuilder()
+    p = PickleBuilder()
     p.ordered_dict()
     p.out += b"("
     p.str_("w")
@@ -354,14 +347,16 @@ def test_big_endian_archives_read_as_native_copies(tmp_path) -> None:
 def test_writer_refuses_out_of_order_wrong_dtype_and_incomplete(tmp_path) -> None:
     specs = [TensorSpec("a", (2, 2), "F32"), TensorSpec("b", (3,), "I64")]
     w = TorchWriter(str(tmp_path / "x.bin"), specs)
-    with pytest.raises(FormatError, match="expected tensor 'a', got 'b'"):
+    with pytest.raises(FormatError, match=r"expected tensor 'a' next \(declared order\), got 'b'"):
         w.write("b", np.zeros(3, np.int64), 0)
-    with pytest.raises(FormatError, match="expects F32, got a tile of float64"):
+    with pytest.raises(FormatError, match="declared F32, but a tile of dtype float64 arrived"):
         w.write("a", np.zeros((2, 2)), 0)
-    with pytest.raises(FormatError, match="expected whole rows from row 0"):
+    with pytest.raises(FormatError, match="tile starts at row 1, but the 0 rows written so far"):
         w.write("a", np.zeros((1, 2), np.float32), 1)
     w.write("a", np.zeros((1, 2), np.float32), 0)
-    with pytest.raises(FormatError, match="'a' incomplete: 8 of 16 bytes"):
+    with pytest.raises(
+        FormatError, match=r"before every declared tensor was written: 'a' \(1 of 2 rows\)"
+    ):
         w.close()
     w.abort()
     w = TorchWriter(
@@ -376,14 +371,15 @@ def test_writer_refuses_out_of_order_wrong_dtype_and_incomplete(tmp_path) -> Non
 def test_docstring_examples_run() -> None:
     import doctest
 
-    import weightbridge.io.torch as module
+    from weightbridge.io import _pickle, _torchzip
 
-    result = doctest.testmod(module, optionflags=doctest.NORMALIZE_WHITESPACE)
-    assert result.attempted > 0 and result.failed == 0
+    for module in (_pickle, _torchzip):
+        result = doctest.testmod(module, optionflags=doctest.NORMALIZE_WHITESPACE)
+        assert result.attempted > 0 and result.failed == 0, module.__name__
 
 
 def test_flatten_unwraps_one_wrapper_and_keeps_scalars_as_metadata() -> None:
-    ref = _TensorRef(_StorageRef("0", "torch.FloatStorage", "F32", 1), 0, (1,), (1,), "F32", "")
+    ref = TensorRef(StorageRef("0", "torch.FloatStorage", "F32", 1), 0, (1,), (1,), "F32", "")
     tensors, meta = flatten({"epoch": 3, "name": "run1", "state_dict": {"w": ref, "b": [ref]}})
     assert list(tensors) == ["w", "b.0"] and meta == {"epoch": "3", "name": "run1"}
     # Two dicts of tensors, or an unknown key: names keep their full paths.

@@ -89,7 +89,7 @@ def test_torch_roles_come_from_the_module_and_its_siblings() -> None:
 def test_to_without_from_infers_the_source_and_says_so(tmp_path: Path, capsys) -> None:
     plan = plan_of(BERT_LIKE, None, "flax")
     assert steps(plan) == steps(plan_of(BERT_LIKE, "pytorch", "flax"))
-    assert any("--from pytorch inferred" in n for n in plan.notes)
+    assert any("--from pytorch inferred" in n.text for n in plan.notes)
     rng = np.random.default_rng(0)
     src = tmp_path / "m.safetensors"
     write_checkpoint(str(src), {"fc.weight": rng.standard_normal((3, 2)).astype(np.float32)})
@@ -106,7 +106,7 @@ def test_to_without_from_refuses_when_the_names_do_not_tell(tmp_path: Path, caps
     # kernel/bias fit both flax and keras, which convert alike: no need to ask.
     plan = plan_of({"Dense_0/kernel": (3, 4), "Dense_0/bias": (4,)}, None, "pytorch")
     assert steps(plan)["Dense_0/weight"] == ("Dense_0/kernel", (Permute((1, 0)),))
-    assert any("flax and keras" in n for n in plan.notes)
+    assert any("flax and keras" in n.text for n in plan.notes)
     # Half torch, half Keras names: no clear winner.
     mixed = {"a.weight": (2, 2), "b.gamma": (2,), "c.beta": (2,)}
     assert infer_framework(list(mixed)).framework is None

@@ -13,18 +13,18 @@ import re
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from weightbridge.planning.match import (
-    _CAMEL,
-    _CONCEPT,
-    _NON_LETTERS,
-    _ROLE_WORDS,
-    _SYNONYMS,
-    Node,
-    _is_definition_order,
-    _own_words,
+from weightbridge.planning.evidence import own_words
+from weightbridge.planning.names import (
+    CAMEL,
+    CONCEPT,
+    NON_LETTERS,
+    ROLE_WORDS,
+    SYNONYMS,
     natural_key,
     tokens,
 )
+from weightbridge.planning.order import is_definition_order
+from weightbridge.planning.tree import Node
 from weightbridge.spec import TensorSpec
 
 _names = st.text(alphabet="ab1./~:0_Q", min_size=0, max_size=10)
@@ -33,11 +33,11 @@ _names = st.text(alphabet="ab1./~:0_Q", min_size=0, max_size=10)
 def _tokens_plain(name: str) -> frozenset[str]:
     out: set[str] = set()
     for part in re.split(r"[./~]", name.replace(":0", "")):
-        part = _CAMEL.sub(r"\1_\2", part).lower()
-        concept = _CONCEPT.get(part)
+        part = CAMEL.sub(r"\1_\2", part).lower()
+        concept = CONCEPT.get(part)
         if concept:
             out.add(concept)
-        out.update(_SYNONYMS.get(w, w) for w in _NON_LETTERS.split(part) if w)
+        out.update(SYNONYMS.get(w, w) for w in NON_LETTERS.split(part) if w)
     return frozenset(out)
 
 
@@ -65,16 +65,16 @@ def test_tokens(names: list[str]) -> None:
 @given(st.lists(st.text(alphabet="ab1./", min_size=1, max_size=8), max_size=8, unique=True))
 def test_definition_order(names: list[str]) -> None:
     specs = [TensorSpec(n, (1,), "F32") for n in names]
-    assert _is_definition_order(specs) == _definition_order_plain(names)
+    assert is_definition_order(specs) == _definition_order_plain(names)
 
 
 @settings(max_examples=400, deadline=None)
 @given(_names, st.lists(_names, max_size=4), st.sampled_from(["", ".", "/", "~"]))
 def test_own_words(head: str, lasts: list[str], sep: str) -> None:
     nodes = [Node("x", head + sep + last if sep else last, 0) for last in lasts]
-    words = [_tokens_plain(n.path) - _ROLE_WORDS for n in nodes]
+    words = [_tokens_plain(n.path) - ROLE_WORDS for n in nodes]
     common = frozenset.intersection(*words) if words else frozenset()
-    assert _own_words(nodes) == [w - common for w in words]
+    assert own_words(nodes) == [w - common for w in words]
 
 
 def test_nodes_compare_by_identity() -> None:

@@ -3,12 +3,12 @@
 tensorstore uploads a value only whole, from memory (one PUT, no multipart upload), so a
 safetensors shard passes through memory when it is committed to S3. The destination caps such
 shards (`TensorstoreDestination.max_object_size`, 64 MiB) and uploads each with one copy of its
-bytes (`_Store.write_file`). Proven as `test_memory_bound` proves the local bound: the converter
-runs in a subprocess under ``RLIMIT_DATA`` = its baseline + the largest tensor + 256 MB, on a
-checkpoint several times larger than both the shard cap and that limit, with one tensor larger
-than the cap (a shard of its own), and its polled ``RssAnon`` is held to the same bound. Before
-the cap, the default 5 GB shard limit made this one shard, uploaded from 3 copies in memory.
-The objects are then read back and compared bit for bit.
+bytes (`weightbridge.io._kvstore.Store.write_file`). Proven as `test_memory_bound` proves the
+local bound: the converter runs in a subprocess under ``RLIMIT_DATA`` = its baseline + the
+largest tensor + 256 MB, on a checkpoint several times larger than both the shard cap and that
+limit, with one tensor larger than the cap (a shard of its own), and its polled ``RssAnon`` is
+held to the same bound. Before the cap, the default 5 GB shard limit made this one shard,
+uploaded from 3 copies in memory. The objects are then read back and compared bit for bit.
 """
 
 from __future__ import annotations
@@ -28,11 +28,11 @@ from safetensors.numpy import save_file
 from test_io_tensorstore import BUCKET, s3  # noqa: F401  (s3 is a fixture)
 from test_memory_bound import MB, SLACK, baseline_code, random_array, run_capped
 
-import weightbridge.io.tensorstore as wts
+import weightbridge.streaming.dest.object_store as wts
 from weightbridge import api
 from weightbridge.errors import ConversionError
 from weightbridge.io.sharded import write_index
-from weightbridge.io.tensorstore import MAX_OBJECT_BYTES, TensorstoreDestination
+from weightbridge.streaming.dest.object_store import MAX_OBJECT_BYTES, TensorstoreDestination
 
 # name, shape, dtype: 576 MB in all. The embedding (96 MB, copied byte for byte) is larger than
 # the shard cap; the 16 MB and 32 MB 2-D weights are transposed by the pytorch -> flax layout
@@ -63,7 +63,9 @@ CONVERT = textwrap.dedent(
 
 # The child's baseline: interpreter, numpy, weightbridge and tensorstore imported, the source's
 # format detected; no tensor data touched and no store opened.
-BASELINE = baseline_code("tensorstore", "weightbridge.io.tensorstore")
+BASELINE = baseline_code(
+    "tensorstore", "weightbridge.io.zarr", "weightbridge.streaming.dest.object_store"
+)
 
 
 def make_checkpoint(path: str) -> dict[str, np.ndarray]:

@@ -23,8 +23,9 @@ from weightbridge.io import open_reader, write_checkpoint
 from weightbridge.io.safetensors import encode_header
 from weightbridge.io.sharded import write_index
 from weightbridge.planning.planner import Rename, make_plan
+from weightbridge.planning.shards import assign_shards
 from weightbridge.spec import TensorSpec
-from weightbridge.streaming.convert import convert, layout_shards, verify
+from weightbridge.streaming.convert import convert, verify
 
 
 def torch_like(seed: int = 0) -> dict[str, np.ndarray]:
@@ -190,7 +191,7 @@ def test_sharded_in_sharded_out_is_correct_and_independent_of_shard_size(tmp_pat
 def test_a_tensor_larger_than_the_shard_limit_gets_its_own_shard(tmp_path) -> None:
     write_sharded(tmp_path / "src", torch_like())
     plan = make_flax_plan(tmp_path / "src")
-    shards = layout_shards(plan, max_shard_size=1000)
+    shards = assign_shards(plan, max_shard_size=1000)
     big = [s for s in shards if s.nbytes > 1000]
     assert big and all(len(s.steps) == 1 for s in big)
 

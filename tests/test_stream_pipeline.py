@@ -25,6 +25,7 @@ from weightbridge.io.base import ByteRange
 from weightbridge.io.safetensors import SafetensorsWriter
 from weightbridge.spec import TensorSpec
 from weightbridge.streaming import convert as stream
+from weightbridge.streaming import pipeline
 from weightbridge.streaming.checksum import Checksum, crc32_combine
 from weightbridge.streaming.readahead import Readahead
 
@@ -244,7 +245,9 @@ def test_a_failed_commit_keeps_the_shards_before_it(tmp_path, monkeypatch) -> No
         calls.append(shard.name)
         if len(calls) == 3:
             sink.abort()
-            raise stream._write_error(OSError(errno.ENOSPC, "No space left on device"), dest, shard)
+            raise pipeline.write_error(
+                OSError(errno.ENOSPC, "No space left on device"), dest, shard
+            )
         return real_commit(sink, dest, shard)
 
     monkeypatch.setattr(stream, "commit_shard", failing)

@@ -131,11 +131,10 @@ def adapt(
                 tgt_spec,
                 src,
                 tgt,
-                lambda log: Matcher(
+                Matcher(
                     in_format,
                     out_format,
                     tuple(hints),
-                    log,
                     partial=partial,
                     slice_mismatched=slice_mismatched,
                 ),
@@ -170,7 +169,7 @@ def _plan(
     tgt_spec: CheckpointSpec,
     src: _Tree,
     tgt: _Tree,
-    matcher_for: Callable[[list[str]], Matcher],
+    matcher: Matcher,
     rules: Mapping[str, Any] | None,
     partial: bool,
 ) -> tuple[Plan, list[str]]:
@@ -181,7 +180,7 @@ def _plan(
         log: list[str] = []
         try:
             plan = make_plan(
-                candidate, tgt_spec, matcher=matcher_for(log), rules=rules, partial=partial
+                candidate, tgt_spec, matcher=matcher, rules=rules, partial=partial, log=log
             )
         except PlanError as e:
             first_error = first_error or e

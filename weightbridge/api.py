@@ -8,7 +8,6 @@ a torch module/state dict or a jax pytree. Only specs are taken from targets.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
@@ -17,7 +16,9 @@ import numpy as np
 
 from weightbridge import dtypes
 from weightbridge import io as wio
+from weightbridge._tree import flatten
 from weightbridge.errors import PlanError, SpecError
+from weightbridge.io._files import atomic_write_json
 from weightbridge.io.base import UnionReader
 from weightbridge.plan import Plan
 from weightbridge.planning.match import Matcher as AutoMatcher
@@ -54,22 +55,11 @@ def spec_of(obj: Any) -> CheckpointSpec:
 
         return spec_from_pytree(obj)
     if isinstance(obj, Mapping):
-        return CheckpointSpec.of(_leaf_spec(k, v) for k, v in _flatten(obj).items())
+        return CheckpointSpec.of(_leaf_spec(k, v) for k, v in flatten(obj).items())
     raise SpecError(
         f"cannot take specs from a {type(obj).__name__}; pass a checkpoint path, a spec JSON "
         "file, a dict of arrays, a torch module/state dict or a jax pytree"
     )
-
-
-def _flatten(tree: Mapping[str, Any], prefix: str = "", sep: str = "/") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in tree.items():
-        name = f"{prefix}{sep}{k}" if prefix else str(k)
-        if isinstance(v, Mapping):
-            out.update(_flatten(v, name, sep))
-        else:
-            out[name] = v
-    return out
 
 
 def _leaf_spec(name: str, leaf: Any) -> TensorSpec:
@@ -112,14 +102,14 @@ def plan(
     the renames leave are paired by the automatic matcher (`weightbridge.planning.match`), which
     `hints` (target substring, source substring) steer. `partial` loads what fits and keeps
     the target's own values elsewhere; `slice_mismatched` also copies the overlapping block of
-    same-named tensors whose shapes differ (a 1000-class head into 10 classes).
+    same-named tensors whose shapes differ (a 1000-class head into 10 classes). `log`, when
+    given, receives the matcher's notes: what it decided, and why.
     """
     if matcher is None and target is not None:
         matcher = AutoMatcher(
             from_framework,
             to_framework,
             tuple(hints),
-            log if log is not None else [],
             partial=partial,
             slice_mismatched=slice_mismatched,
         )
@@ -133,6 +123,7 @@ def plan(
         dtype=dtype,
         matcher=matcher,
         partial=partial,
+        log=log,
     )
 
 
@@ -250,9 +241,7 @@ def verify(
 
 
 def save_spec(obj: Any, path: str | os.PathLike[str]) -> CheckpointSpec:
-    """Write the target spec file of anything `spec_of` accepts."""
+    """Write the target spec file of anything `spec_of` accepts (atomically)."""
     spec = spec_of(obj)
-    with open(os.fspath(path), "w", encoding="utf-8") as f:
-        json.dump(spec.to_json(), f, indent=1)
-        f.write("\n")
+    atomic_write_json(path, spec.to_json())
     return spec

@@ -37,17 +37,13 @@ def _table(spec: CheckpointSpec, shard_of: dict[str, str] | None = None) -> str:
 
 
 def _shard_map(path: str) -> dict[str, str] | None:
-    from weightbridge.io.sharded import find_index
+    from weightbridge.io.sharded import find_index, read_index
 
     try:
         index = find_index(path)
+        return read_index(index)[0] if index is not None else None
     except WeightbridgeError:
         return None
-    if index is None:
-        return None
-    with open(index, encoding="utf-8") as f:
-        weight_map = json.load(f).get("weight_map", {})
-    return {str(k): str(v) for k, v in weight_map.items()}
 
 
 def _load_rules(args: argparse.Namespace) -> list[Rename]:
@@ -141,7 +137,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
         keep_cache=args.keep_cache,
     )
     print(report.summary())
-    layout = [n for n in plan.notes if n.startswith("layout:")]
+    layout = [n for n in plan.notes if n.kind == "layout"]
     for note in layout:
         print(f"note: {note}")
     if len(plan.notes) > len(layout) or plan.unused:
@@ -262,7 +258,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="output directory, or an object-store URL such as s3://bucket/prefix",
     )
     s.add_argument(
-        "--format", default="safetensors", help="safetensors (default), npz, h5, torch, zarr, orbax"
+        "--format",
+        default="safetensors",
+        help="safetensors (default), npz, h5, torch, msgpack, gguf, zarr, orbax",
     )
     _remote_options(s)
     s.add_argument(

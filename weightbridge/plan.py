@@ -11,17 +11,33 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import reprlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal, get_args
 
 from weightbridge.errors import DtypeError, PlanError, SpecError
 from weightbridge.ops import Cast, Op, describe, infer, op_from_json
-from weightbridge.planning.layouts import is_buffer
 from weightbridge.spec import CheckpointSpec, TensorSpec, parse_json
 
 PLAN_VERSION = 1
+
+# Buffers that carry no learned weights: dropped from a source, kept at their own value in a
+# target (torch refills a missing num_batches_tracked itself). The rule lives with the plan,
+# since `Plan.validate` lets a target buffer go without a step; the planner applies it too.
+_BUFFERS = re.compile(
+    r"(^|[./])(num_batches_tracked|position_ids|attn_mask|relative_position_index)$"
+)
+
+
+def is_buffer(name: str) -> bool:
+    """True for buffers such as ``num_batches_tracked`` that a conversion need not carry over."""
+    # endswith first: it is C-fast, and rules out almost every name before the regex runs
+    return name.endswith(_BUFFER_NAMES) and bool(_BUFFERS.search(name))
+
+
+_BUFFER_NAMES = ("num_batches_tracked", "position_ids", "attn_mask", "relative_position_index")
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,6 +87,39 @@ class Step:
             raise PlanError(f"{where}: {e}") from e
 
 
+NoteKind = Literal["layout", "sliced", "kept", "buffer", "info"]
+
+
+@dataclass(frozen=True, slots=True)
+class Note:
+    """A line for people about how the plan was made: the layout inferred, a tensor sliced
+    or kept at the target's own value, ...; `kind` says which, so nothing parses the text.
+
+    In a plan file a note is its text, which starts with its kind (``"sliced: ..."``) for
+    every kind but ``info``; `Note.of` reads it back.
+
+    >>> Note.of("sliced: fc.weight (10, 4) takes the leading block")
+    Note(kind='sliced', text='sliced: fc.weight (10, 4) takes the leading block')
+    """
+
+    kind: NoteKind
+    text: str
+
+    @classmethod
+    def of(cls, text: str) -> Note:
+        """The note a plan file's line stands for."""
+        head = text.split(":", 1)[0]
+        for kind in get_args(NoteKind):
+            if head == kind:
+                return cls(kind, text)
+        if text.startswith("target buffer "):
+            return cls("buffer", text)
+        return cls("info", text)
+
+    def __str__(self) -> str:
+        return self.text
+
+
 @dataclass(frozen=True, slots=True)
 class Plan:
     """Ordered steps (in target order) plus what was left out of the source, and why."""
@@ -78,7 +127,7 @@ class Plan:
     steps: tuple[Step, ...]
     source_fingerprint: str
     unused: Mapping[str, str] = field(default_factory=dict)
-    notes: tuple[str, ...] = ()
+    notes: tuple[Note, ...] = ()
 
     @classmethod
     def build(
@@ -87,7 +136,7 @@ class Plan:
         steps: Sequence[Step],
         *,
         unused: Mapping[str, str] | None = None,
-        notes: Sequence[str] = (),
+        notes: Sequence[Note] = (),
     ) -> Plan:
         """Make a plan and validate it against `source` (raises PlanError when it does not fit)."""
         plan = cls(tuple(steps), source.fingerprint(), dict(unused or {}), tuple(notes))
@@ -208,7 +257,7 @@ class Plan:
     def summary(self) -> str:
         """Counts of what partial loading did: loaded, sliced, kept, unused."""
         kept = sum(1 for s in self.steps if s.sources[0].startswith("mine:"))
-        sliced = sum(1 for n in self.notes if n.startswith("sliced:"))
+        sliced = sum(1 for n in self.notes if n.kind == "sliced")
         loaded = len(self.steps) - kept
         return (
             f"loaded {loaded} tensor(s) ({sliced} sliced), kept {kept} at the target's own "
@@ -230,7 +279,7 @@ class Plan:
             "target_fingerprint": self.target_fingerprint,
             "steps": [s.to_json() for s in self.steps],
             "unused": dict(self.unused),
-            "notes": list(self.notes),
+            "notes": [n.text for n in self.notes],
         }
 
     @classmethod
@@ -251,16 +300,15 @@ class Plan:
             tuple(Step.from_json(s, where=where) for s in steps),
             str(obj.get("source_fingerprint", "")),
             {str(k): str(v) for k, v in unused.items()},
-            tuple(str(n) for n in notes),
+            tuple(Note.of(str(n)) for n in notes),
         )
 
     def save(self, path: str | os.PathLike[str]) -> None:
-        path = os.fspath(path)
-        tmp = f"{path}.tmp-{os.getpid()}"
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(self.to_json(), f, indent=1)
-            f.write("\n")
-        os.replace(tmp, path)
+        from weightbridge.io._files import (
+            atomic_write_json,  # here: weightbridge.io imports plan's values
+        )
+
+        atomic_write_json(path, self.to_json())
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> Plan:

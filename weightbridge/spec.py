@@ -234,9 +234,6 @@ def load_spec_file(path: str | os.PathLike[str]) -> CheckpointSpec:
 
 def save_spec_file(spec: CheckpointSpec, path: str | os.PathLike[str]) -> None:
     """Write a spec as pretty JSON, one tensor per line-group, atomically."""
-    path = os.fspath(path)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(spec.to_json(), f, indent=1)
-        f.write("\n")
-    os.replace(tmp, path)
+    from weightbridge.io._files import atomic_write_json  # here: weightbridge.io imports spec
+
+    atomic_write_json(path, spec.to_json())

@@ -20,9 +20,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from weightbridge import dtypes
+from weightbridge._tree import SEP
+from weightbridge._tree import unflatten as unflatten  # the nested dicts flax takes
 from weightbridge.spec import CheckpointSpec, TensorSpec
-
-SEP = "/"
 
 
 def flatten(tree: Any) -> dict[str, Any]:
@@ -147,15 +147,3 @@ def spec_from_pytree(tree: Any) -> CheckpointSpec:
         for name, leaf, skip in zip(names, leaves, why, strict=True)
         if skip is None
     )
-
-
-def unflatten(flat: dict[str, Any]) -> dict[str, Any]:
-    """Nested dicts from ``{"a/b": value}``."""
-    root: dict[str, Any] = {}
-    for name, value in flat.items():
-        node = root
-        *parents, leaf = name.split(SEP)
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = value
-    return root

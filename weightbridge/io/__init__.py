@@ -1,8 +1,10 @@
 """Format registry: detect a checkpoint's format and open a reader or writer for it.
 
-Formats are listed as import strings, so a format's module (and any optional library it needs)
-is imported only when that format is used. Detection looks at magic bytes and directory
-structure first; the file suffix only breaks ties.
+`FORMATS` is the one table of formats: each row names a format module by import string, so a
+format's module (and any optional library it needs) is imported only when that format is used.
+A format module meets `weightbridge.io.base.FormatModule` (plus a `Writer` class if it can
+write); adding a format is that module plus one `register_format` call (or one row here).
+Detection looks at magic bytes and directory structure first; the file suffix only breaks ties.
 """
 
 from __future__ import annotations
@@ -10,50 +12,171 @@ from __future__ import annotations
 import importlib
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 from types import ModuleType
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 from weightbridge.errors import UnknownFormatError
-from weightbridge.io.base import ByteRange, Reader, ShardWriter
+from weightbridge.io._files import is_remote_url
+from weightbridge.io.base import (
+    ByteRange,
+    FormatModule,
+    PlacingWriter,
+    Reader,
+    ShardWriter,
+    WritableFormatModule,
+)
 from weightbridge.spec import TensorSpec
 
-__all__ = ["ByteRange", "Reader", "ShardWriter", "detect_format", "open_reader", "writer_class"]
+__all__ = [
+    "ByteRange",
+    "FormatEntry",
+    "FormatModule",
+    "PlacingWriter",
+    "Reader",
+    "ShardWriter",
+    "WritableFormatModule",
+    "detect_format",
+    "open_reader",
+    "register_format",
+    "write_checkpoint",
+    "writer_class",
+]
 
-# name -> module path. Order matters: earlier entries are tried first when detecting.
-FORMATS: dict[str, str] = {
-    "sharded": "weightbridge.io.sharded",
-    "safetensors": "weightbridge.io.safetensors",
-    "numpy": "weightbridge.io.numpy",
-    "hdf5": "weightbridge.io.hdf5",
-    "torch": "weightbridge.io.torch",
-    "tfcheckpoint": "weightbridge.io.tfcheckpoint",
-    "msgpack": "weightbridge.io.msgpack",
-    "tensorstore": "weightbridge.io.tensorstore",
+
+@dataclass(frozen=True, slots=True)
+class FormatEntry:
+    """One row of the format registry.
+
+    Attributes:
+        name: the registry name (`detect_format` returns it; `open_reader(format=)` takes it).
+        module: the format module, or its import string, imported on first use (a leading
+            dot means inside `weightbridge.io`).
+        output_names: the names users type to write this format (``--format npz``); empty for
+            a format that is only read.
+        write_suffixes: file suffixes that choose this format when writing to a path
+            (`write_checkpoint`). Detection uses the module's own `SUFFIXES`.
+        install_hint: what to install when the module cannot be imported.
+    """
+
+    name: str
+    module: str | ModuleType
+    output_names: tuple[str, ...] = ()
+    write_suffixes: tuple[str, ...] = ()
+    install_hint: str = ""
+
+
+# The registry. Order matters: earlier rows are tried first when detecting. Columns: name,
+# module ("." = inside weightbridge.io), output names, write suffixes, install hint.
+FORMATS: dict[str, FormatEntry] = {
+    row.name: row
+    for row in (
+        FormatEntry("sharded", ".sharded"),
+        FormatEntry("safetensors", ".safetensors", ("safetensors",), (".safetensors",)),
+        FormatEntry("numpy", ".numpy", ("npz", "numpy"), (".npz",)),
+        FormatEntry("hdf5", ".hdf5", ("h5", "hdf5"), (".h5",), "pip install h5py"),
+        FormatEntry("torch", ".torch", ("torch", "pt", "bin"), (".bin", ".pt", ".pth", ".ckpt")),
+        FormatEntry("tfcheckpoint", ".tfcheckpoint"),
+        FormatEntry("msgpack", ".msgpack", ("msgpack", "flax"), (".msgpack",)),
+        FormatEntry(
+            "tensorstore", ".zarr", ("zarr", "zarr3", "orbax"), (), "pip install tensorstore"
+        ),
+    )
 }
 
-# Output format names users type -> registry name.
-OUTPUT_ALIASES = {
-    "safetensors": "safetensors",
-    "npz": "numpy",
-    "numpy": "numpy",
-    "h5": "hdf5",
-    "hdf5": "hdf5",
-    "torch": "torch",
-    "pt": "torch",
-    "bin": "torch",
-    "msgpack": "msgpack",
-    "flax": "msgpack",
-    "zarr": "tensorstore",
-    "zarr3": "tensorstore",
-    "orbax": "tensorstore",
-}
+if TYPE_CHECKING:  # mypy proves each built-in format module meets the contract it is typed as
+    from weightbridge.io import (
+        hdf5,
+        msgpack,
+        numpy,
+        safetensors,
+        sharded,
+        tfcheckpoint,
+        torch,
+    )
+
+    _WRITABLE: tuple[WritableFormatModule, ...] = (safetensors, numpy, hdf5, torch, msgpack)
+    _READ_ONLY: tuple[FormatModule, ...] = (sharded, tfcheckpoint)
+
+# Members every format module has (`FormatModule`); checked when a module is first loaded.
+_REQUIRED = ("NAME", "SUFFIXES", "detect", "open_reader")
 
 # How many bytes of a file detection looks at.
 _HEAD_BYTES = 64
 
 
-def _module(name: str) -> ModuleType:
-    return importlib.import_module(FORMATS[name])
+def register_format(
+    name: str,
+    module: str | ModuleType,
+    *,
+    output_names: Sequence[str] = (),
+    write_suffixes: Sequence[str] = (),
+    install_hint: str = "",
+) -> None:
+    """Add a format to the registry (or replace the row of that name).
+
+    Args:
+        name: the registry name.
+        module: the format module (a `FormatModule`; with a `Writer` class if `output_names`
+            are given), or its import string so it is imported only when used.
+        output_names: names that select this format for writing (``format="raw"``).
+        write_suffixes: file suffixes that select it when writing to a path.
+        install_hint: shown when the module cannot be imported (``pip install ...``).
+
+    Raises:
+        TypeError: `module` is a module that lacks a member of `FormatModule`, or a `Writer`
+            while `output_names` are given.
+        ValueError: an output name already selects another format.
+
+    Example:
+        >>> register_format("numpy-again", "weightbridge.io.numpy")
+        >>> FORMATS["numpy-again"].module
+        'weightbridge.io.numpy'
+        >>> del FORMATS["numpy-again"]
+    """
+    entry = FormatEntry(name, module, tuple(output_names), tuple(write_suffixes), install_hint)
+    if isinstance(module, ModuleType):
+        _check_module(entry, module)
+    taken = _output_names()
+    for alias in entry.output_names:
+        if taken.get(alias, name) != name:
+            raise ValueError(f"output name {alias!r} already selects the {taken[alias]} format")
+    FORMATS[name] = entry
+
+
+def _check_module(entry: FormatEntry, module: ModuleType) -> None:
+    needed = _REQUIRED + (("Writer",) if entry.output_names else ())
+    missing = [m for m in needed if not hasattr(module, m)]
+    if missing:
+        raise TypeError(
+            f"format {entry.name!r}: module {module.__name__} lacks {missing}; a format module "
+            "defines NAME, SUFFIXES, detect(path, head), open_reader(path) and, to be written, "
+            "a Writer class (see weightbridge.io.base.FormatModule)"
+        )
+
+
+def _module(name: str) -> FormatModule:
+    """The module of registered format `name`, imported now if need be.
+
+    Raises:
+        ImportError: the module (or a library it needs) is not installed; says what to install.
+    """
+    entry = FORMATS[name]
+    module = entry.module
+    if isinstance(module, str):
+        try:
+            module = importlib.import_module(module, __name__)
+        except ImportError as e:
+            if not entry.install_hint:
+                raise
+            raise ImportError(f"{e}; to read or write {name}: {entry.install_hint}") from e
+        _check_module(entry, module)
+    return cast(FormatModule, module)
+
+
+def _output_names() -> dict[str, str]:
+    """Output format names users type -> registry name."""
+    return {alias: row.name for row in FORMATS.values() for alias in row.output_names}
 
 
 def detect_format(path: str | os.PathLike[str]) -> str:
@@ -63,7 +186,7 @@ def detect_format(path: str | os.PathLike[str]) -> str:
         UnknownFormatError: nothing recognises the path; the message lists the known formats.
     """
     path = os.fspath(path)
-    if _is_url(path):
+    if is_remote_url(path):  # object stores and memory: tensorstore
         return "tensorstore"
     if not os.path.exists(path) and not os.path.exists(path + ".index"):  # a bare TF prefix
         raise UnknownFormatError(f"{path}: no such file or directory")
@@ -102,11 +225,6 @@ def detect_format(path: str | os.PathLike[str]) -> str:
     return matches[0]
 
 
-def _is_url(path: str) -> bool:
-    """Object-store and in-memory locations go to tensorstore (``file://`` is a local path)."""
-    return "://" in path and not path.startswith("file://")
-
-
 def _single_file_in(path: str) -> str:
     """A directory holding one checkpoint file and no index stands for that file."""
     if not os.path.isdir(path) or any(e.endswith(".index.json") for e in os.listdir(path)):
@@ -119,13 +237,13 @@ def _single_file_in(path: str) -> str:
     return os.path.join(path, files[0]) if len(files) == 1 else path
 
 
-def open_reader(path: str | os.PathLike[str], format: str | None = None) -> Any:
+def open_reader(path: str | os.PathLike[str], format: str | None = None) -> Reader:
     """Open a checkpoint for reading; detects the format unless `format` is given.
 
     `path` may be a file, a directory with an index, or a directory holding one checkpoint file.
     """
     path = os.fspath(path)
-    if not _is_url(path):
+    if not is_remote_url(path):
         path = _single_file_in(path)
     name = format or detect_format(path)
     return _module(name).open_reader(path)
@@ -133,13 +251,11 @@ def open_reader(path: str | os.PathLike[str], format: str | None = None) -> Any:
 
 def writer_class(format: str) -> type[ShardWriter]:
     """The `ShardWriter` class of an output format (`safetensors`, `npz`, `h5`)."""
-    name = OUTPUT_ALIASES.get(format)
+    names = _output_names()
+    name = names.get(format)
     if name is None:
-        raise UnknownFormatError(
-            f"unknown output format {format!r}; choose one of {sorted(set(OUTPUT_ALIASES))}"
-        )
-    cls: type[ShardWriter] = _module(name).Writer
-    return cls
+        raise UnknownFormatError(f"unknown output format {format!r}; choose one of {sorted(names)}")
+    return cast(WritableFormatModule, _module(name)).Writer
 
 
 def write_checkpoint(
@@ -154,11 +270,12 @@ def write_checkpoint(
     from weightbridge import dtypes
 
     fmt = format or _suffix_format(path)
+    writer_cls = writer_class(fmt)
     arrays = {k: np.asarray(v) for k, v in tensors.items()}
     specs: Sequence[TensorSpec] = [
         TensorSpec(k, a.shape, dtypes.from_numpy(a.dtype)) for k, a in arrays.items()
     ]
-    w = writer_class(fmt)(path, specs, metadata)
+    w = writer_cls(path, specs, metadata)
     try:
         for k, a in arrays.items():
             w.write(k, a, 0)
@@ -169,9 +286,8 @@ def write_checkpoint(
 
 
 def _suffix_format(path: str) -> str:
-    for alias in ("safetensors", "npz", "h5", "msgpack"):
-        if path.endswith("." + alias):
-            return alias
-    if path.endswith((".bin", ".pt", ".pth", ".ckpt")):
-        return "torch"
+    """The output name of the format whose write suffixes `path` ends with."""
+    for row in FORMATS.values():
+        if row.output_names and path.endswith(row.write_suffixes):
+            return row.output_names[0]
     raise UnknownFormatError(f"{path}: cannot tell the format from the suffix; pass format=")

@@ -1,10 +1,17 @@
-"""The two protocols every format module implements, and helpers they share.
+"""The contract of a format module (`FormatModule`), the `Reader` and `ShardWriter` protocols
+it implements, and the helpers readers share.
+
+A format module (``weightbridge.io.safetensors`` and its siblings) has a `NAME`, its `SUFFIXES`,
+a `detect(path, head)` that looks at magic bytes and directory structure, and `open_reader(path)`;
+a format that can be written also has a `Writer` class (`WritableFormatModule`). A new format is
+one such module plus one `weightbridge.io.register_format` call.
 
 A `Reader` answers `specs()` from headers alone and `read(name)` with a read-only numpy array,
 memory-mapped where the bytes are contiguous on disk. A `ShardWriter` writes one output file whose
 full layout (every tensor's spec, in order) is declared up front; it then takes each tensor's
 data as C-order tiles of whole rows along axis 0, in order, and `close()` flushes and fsyncs.
-Atomic commit (temp name, rename) and the journal belong to `weightbridge.streaming.convert`, not here.
+A `PlacingWriter` can also take tiles in any order. Atomic commit (temp name, rename) and the
+journal belong to `weightbridge.streaming`, not here.
 """
 
 from __future__ import annotations
@@ -15,13 +22,16 @@ import struct
 import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import IO, Any, Protocol, runtime_checkable
+from typing import IO, TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import numpy as np
 
 from weightbridge import dtypes
 from weightbridge.errors import FormatError
 from weightbridge.spec import CheckpointSpec, TensorSpec
+
+if TYPE_CHECKING:
+    from typing import Self  # Python 3.11; annotations only, so 3.10 runs too
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,23 +45,52 @@ class ByteRange:
 
 @runtime_checkable
 class Reader(Protocol):
-    """Reads one checkpoint (one or more files)."""
+    """Reads one checkpoint (one or more files). Every `BaseReader` is one."""
 
     path: str
 
-    def specs(self) -> CheckpointSpec: ...
+    def specs(self) -> CheckpointSpec:
+        """Every tensor's name, shape and dtype, from headers alone."""
+        ...
 
-    def read(self, name: str) -> np.ndarray: ...
+    def read(self, name: str) -> np.ndarray:
+        """`name`'s data, read-only; memory-mapped where its bytes are contiguous on disk."""
+        ...
 
-    def byte_range(self, name: str) -> ByteRange | None: ...
+    def byte_range(self, name: str) -> ByteRange | None:
+        """Where `name`'s raw bytes sit in a file, if they are stored plainly (else None)."""
+        ...
 
-    def release(self, name: str) -> None: ...
+    def release(self, name: str) -> None:
+        """`name` is done with: mapped pages may leave this process's RSS."""
+        ...
+
+    def prefetch(self, name: str) -> None:
+        """A hint that `name` is read soon (may do nothing)."""
+        ...
+
+    def files(self) -> list[str]:
+        """The local files the checkpoint is read from."""
+        ...
 
     def close(self) -> None: ...
 
+    def __enter__(self) -> Self: ...
+
+    def __exit__(self, *exc: object) -> None: ...
+
 
 class ShardWriter(Protocol):
-    """Writes one output file with a layout declared up front."""
+    """Writes one output file with a layout declared up front.
+
+    Tensors arrive in declared order, each as C-order tiles of whole rows (`write`) or, where the
+    writer accepts it, as a byte range copied file to file (`copy_from` returns False to decline).
+    `close` checks every tensor is complete, flushes and fsyncs; `abort` just releases the file.
+    """
+
+    # The file suffix of a shard (".safetensors"); names the output shards and the index.
+    suffix: str
+    path: str
 
     def __init__(
         self, path: str, tensors: Sequence[TensorSpec], metadata: dict[str, str] | None = None
@@ -64,6 +103,47 @@ class ShardWriter(Protocol):
     def close(self) -> None: ...
 
     def abort(self) -> None: ...
+
+
+@runtime_checkable
+class PlacingWriter(ShardWriter, Protocol):
+    """A `ShardWriter` whose layout fixes every tensor's offset (safetensors), so tiles can be
+    placed in any order, by several threads, straight into the mapped output file. Not to be
+    mixed with in-order `write`/`copy_from` on the same writer."""
+
+    def target_array(self, name: str) -> np.ndarray:
+        """`name`'s place in the output, as a writable array to fill."""
+        ...
+
+    def copy_at(self, name: str, src: ByteRange) -> bool:
+        """Copy `name`'s bytes file to file into its place; False declines (fill it instead)."""
+        ...
+
+
+class FormatModule(Protocol):
+    """What a format module offers the registry (`weightbridge.io`): a module, not a class.
+
+    `detect` must be cheap (it sees the path and the file's first bytes, `b""` for a
+    directory) and must not raise on files of other formats.
+    """
+
+    # Read-only properties, so a module's plain constants (`NAME = "numpy"`) satisfy them.
+    @property
+    def NAME(self) -> str: ...
+
+    @property
+    def SUFFIXES(self) -> tuple[str, ...]: ...
+
+    def detect(self, path: str, head: bytes) -> bool: ...
+
+    def open_reader(self, path: str) -> Reader: ...
+
+
+class WritableFormatModule(FormatModule, Protocol):
+    """A format module that can also write: its `Writer` writes one shard."""
+
+    @property
+    def Writer(self) -> type[ShardWriter]: ...
 
 
 class BaseReader:
@@ -108,7 +188,7 @@ class BaseReader:
         near = [n for n in names if name.split(".")[-1] in n][:5] or names[:5]
         return FormatError(f"{self.path}: no tensor named {name!r}; some names it has: {near}")
 
-    def __enter__(self) -> BaseReader:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -200,16 +280,16 @@ class UnionReader(BaseReader):
     source's tensors, so a plan can mix both and still be one plan.
     """
 
-    def __init__(self, readers: dict[str, Any]) -> None:
+    def __init__(self, readers: dict[str, Reader]) -> None:
         self._readers = readers
-        self.path = " + ".join(getattr(r, "path", "?") for r in readers.values())
+        self.path = " + ".join(r.path for r in readers.values())
         tensors = []
         for prefix, reader in readers.items():
             for t in reader.specs():
                 tensors.append(TensorSpec(prefix + t.name, t.shape, t.dtype))
         self._spec = CheckpointSpec(tuple(tensors))
 
-    def _route(self, name: str) -> tuple[Any, str]:
+    def _route(self, name: str) -> tuple[Reader, str]:
         for prefix, reader in self._readers.items():
             if prefix and name.startswith(prefix):
                 return reader, name[len(prefix) :]
@@ -217,13 +297,11 @@ class UnionReader(BaseReader):
 
     def read(self, name: str) -> np.ndarray:
         reader, inner = self._route(name)
-        arr: np.ndarray = reader.read(inner)
-        return arr
+        return reader.read(inner)
 
     def byte_range(self, name: str) -> ByteRange | None:
         reader, inner = self._route(name)
-        result: ByteRange | None = reader.byte_range(inner)
-        return result
+        return reader.byte_range(inner)
 
     def release(self, name: str) -> None:
         reader, inner = self._route(name)

@@ -37,6 +37,7 @@ import numpy as np
 
 from weightbridge import dtypes
 from weightbridge.errors import DtypeError, FormatError, SpecError
+from weightbridge.io._files import pwrite_all
 from weightbridge.io._tiles import TileCursor
 from weightbridge.io.base import BaseReader, ByteRange, MappedFile
 from weightbridge.spec import CheckpointSpec, TensorSpec
@@ -720,7 +721,7 @@ class MsgpackWriter:
             # The file gets its final size now; the holes left for array data fill as tiles come.
             os.ftruncate(self._fd, self._layout.size)
             for offset, blob in self._layout.structure:
-                self._pwrite(self._fd, memoryview(blob), offset)
+                pwrite_all(self._fd, memoryview(blob), offset)
         except BaseException:
             self.abort()
             raise
@@ -728,12 +729,6 @@ class MsgpackWriter:
     def _begin(self, spec: TensorSpec) -> None:
         self._runs = self._layout.segments[spec.name]
         self._run = self._in_run = 0
-
-    @staticmethod
-    def _pwrite(fd: int, data: memoryview, offset: int) -> None:
-        while data:  # pwrite may write less than asked (over 2 GiB at once on Linux)
-            n = os.pwrite(fd, data, offset)
-            data, offset = data[n:], offset + n
 
     def write(self, name: str, tile: np.ndarray, row: int) -> None:
         fd = self._fd
@@ -744,7 +739,7 @@ class MsgpackWriter:
         while raw:  # a tile may span the boundary between two chunks of a chunked array
             offset, length = self._runs[self._run]
             n = min(len(raw), length - self._in_run)
-            self._pwrite(fd, raw[:n], offset + self._in_run)
+            pwrite_all(fd, raw[:n], offset + self._in_run)
             raw = raw[n:]
             self._in_run += n
             if self._in_run == length:

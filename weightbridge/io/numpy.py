@@ -38,6 +38,7 @@ from numpy.lib import format as npy_format
 
 from weightbridge import dtypes
 from weightbridge.errors import DtypeError, FormatError, SpecError
+from weightbridge.io._files import ZIP_ALIGN, zip_align_extra
 from weightbridge.io._tiles import TileCursor
 from weightbridge.io.base import (
     ZIP_LOCAL_HEADER_SIZE,
@@ -67,7 +68,7 @@ MAX_COMMENT_BYTES = 0xFFFF
 VOID_CODES = frozenset({"BF16", "F8_E4M3", "F8_E5M2"})
 # numpy aligns the data inside an .npy to 64 bytes; we also pad each member's local header so
 # the .npy itself starts 64-byte aligned in the archive, so mapped arrays are aligned in memory.
-ALIGN = 64
+ALIGN = ZIP_ALIGN
 # Extra-field id of that padding ("WB"); readers skip extra fields whose id they do not know.
 PAD_EXTRA_ID = 0x4257
 # Decompress at most this much per read call: bounds the temporary `bytes` next to the array.
@@ -498,12 +499,7 @@ def _align_extra(offset: int, name: bytes) -> bytes:
     Best effort: if zipfile ever lays headers out differently the data is merely unaligned.
     """
     zip64_extra = 20  # zipfile adds one to every local header it opens with force_zip64
-    pad = -(offset + ZIP_LOCAL_HEADER_SIZE + len(name) + zip64_extra) % ALIGN
-    if pad == 0:
-        return b""
-    if pad < 4:  # an extra field is at least its 4-byte id and length
-        pad += ALIGN
-    return struct.pack("<HH", PAD_EXTRA_ID, pad - 4) + bytes(pad - 4)
+    return zip_align_extra(offset + ZIP_LOCAL_HEADER_SIZE + len(name) + zip64_extra, PAD_EXTRA_ID)
 
 
 class NpzWriter:

@@ -10,7 +10,6 @@ all before any tensor data is read.
 from __future__ import annotations
 
 import glob
-import json
 import os
 import reprlib
 from typing import Any
@@ -18,7 +17,8 @@ from typing import Any
 import numpy as np
 
 from weightbridge.errors import FormatError
-from weightbridge.io.base import BaseReader, ByteRange, check_safe_relative
+from weightbridge.io._files import atomic_write_json
+from weightbridge.io.base import BaseReader, ByteRange, Reader, check_safe_relative
 from weightbridge.spec import CheckpointSpec, parse_json
 
 NAME = "sharded"
@@ -44,6 +44,37 @@ def detect(path: str, head: bytes) -> bool:
     return find_index(path) is not None
 
 
+def read_index(index_path: str) -> tuple[dict[str, str], dict[str, str]]:
+    """Parse an index file: its weight map (tensor -> shard, checked to stay beside the index)
+    and its metadata (values as text). The one place an index is read.
+
+    Raises:
+        FormatError: the file cannot be read, is not JSON, has no ``weight_map`` object, or
+            names a shard outside its directory or another index as a shard.
+    """
+    try:
+        with open(index_path, "rb") as f:
+            index: Any = parse_json(f.read().decode("utf-8"))
+    except OSError as e:
+        raise FormatError(f"{index_path}: cannot read the index ({e.strerror or e})") from e
+    except ValueError as e:  # bad UTF-8 or JSON, a name listed twice, absurd nesting
+        raise FormatError(f"{index_path}: index is not valid JSON ({e})") from e
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict):
+        raise FormatError(f"{index_path}: index must be an object with a 'weight_map' object")
+    checked: dict[str, str] = {}
+    for tensor, shard in weight_map.items():
+        name = check_safe_relative(shard, index_path=index_path)
+        if name.endswith(INDEX_SUFFIX):  # an index as a shard would open indexes forever
+            raise FormatError(
+                f"{index_path}: index names {reprlib.repr(shard)} as a shard, but it is an "
+                "index file; shards must be checkpoint files"
+            )
+        checked[tensor] = name
+    metadata = index.get("metadata") if isinstance(index.get("metadata"), dict) else {}
+    return checked, {k: str(v) for k, v in metadata.items()}
+
+
 class ShardedReader(BaseReader):
     """Reads a checkpoint split over several files by an index."""
 
@@ -55,34 +86,16 @@ class ShardedReader(BaseReader):
             raise FormatError(f"{path}: no '*{INDEX_SUFFIX}' index file here")
         self.path = index_path
         base = os.path.dirname(os.path.abspath(index_path))
-        try:
-            with open(index_path, "rb") as f:
-                index: Any = parse_json(f.read().decode("utf-8"))
-        except OSError as e:
-            raise FormatError(f"{index_path}: cannot read the index ({e.strerror or e})") from e
-        except ValueError as e:  # bad UTF-8 or JSON, a name listed twice, absurd nesting
-            raise FormatError(f"{index_path}: index is not valid JSON ({e})") from e
-        weight_map = index.get("weight_map") if isinstance(index, dict) else None
-        if not isinstance(weight_map, dict):
-            raise FormatError(f"{index_path}: index must be an object with a 'weight_map' object")
-        shard_names: dict[str, None] = {}
-        for shard in weight_map.values():
-            name = check_safe_relative(shard, index_path=index_path)
-            if name.endswith(INDEX_SUFFIX):  # an index as a shard would open indexes forever
-                raise FormatError(
-                    f"{index_path}: index names {reprlib.repr(shard)} as a shard, but it is an "
-                    "index file; shards must be checkpoint files"
-                )
-            shard_names[name] = None
-        self._readers: dict[str, Any] = {}
-        for shard in shard_names:
+        weight_map, metadata = read_index(index_path)
+        self._readers: dict[str, Reader] = {}
+        for shard in dict.fromkeys(weight_map.values()):
             shard_path = os.path.join(base, shard)
             if not os.path.isfile(shard_path):
                 raise FormatError(
                     f"{index_path}: index names shard {shard!r}, which does not exist in {base}"
                 )
             self._readers[shard] = open_reader(shard_path)
-        self._where: dict[str, Any] = {}
+        self._where: dict[str, Reader] = {}
         tensors = []
         for shard, reader in self._readers.items():
             for spec in reader.specs():
@@ -92,7 +105,7 @@ class ShardedReader(BaseReader):
                         f"{index_path}: shard {shard!r} holds tensor {spec.name!r}, which the index "
                         "does not list; the index and shards are out of step"
                     )
-                if check_safe_relative(claimed, index_path=index_path) != shard:
+                if claimed != shard:
                     continue  # the index says this tensor lives elsewhere; that shard is read
                 self._where[spec.name] = reader
                 tensors.append(spec)
@@ -102,18 +115,15 @@ class ShardedReader(BaseReader):
                 f"{index_path}: index lists {len(missing)} tensor(s) its shards do not hold, e.g. "
                 f"{missing[0]!r} in {weight_map[missing[0]]!r}"
             )
-        metadata = index.get("metadata") if isinstance(index.get("metadata"), dict) else {}
-        self._spec = CheckpointSpec(tuple(tensors), {k: str(v) for k, v in metadata.items()})
+        self._spec = CheckpointSpec(tuple(tensors), metadata)
 
     def read(self, name: str) -> np.ndarray:
         if name not in self._where:
             raise self._missing(name)
-        arr: np.ndarray = self._where[name].read(name)
-        return arr
+        return self._where[name].read(name)
 
     def byte_range(self, name: str) -> ByteRange | None:
-        result: ByteRange | None = self._where[name].byte_range(name)
-        return result
+        return self._where[name].byte_range(name)
 
     def release(self, name: str) -> None:
         self._where[name].release(name)
@@ -133,17 +143,22 @@ def open_reader(path: str) -> ShardedReader:
     return ShardedReader(path)
 
 
-def write_index(
-    path: str, weight_map: dict[str, str], total_size: int, metadata: dict[str, str] | None = None
-) -> None:
-    """Write an index file atomically (temp name, fsync, rename)."""
+def index_json(
+    weight_map: dict[str, str], total_size: int, metadata: dict[str, str] | None = None
+) -> dict[str, Any]:
+    """The index as a JSON object: ``{"metadata": {"total_size": N, ...}, "weight_map": ...}``.
+
+    >>> index_json({"w": "model-00001-of-00002.safetensors"}, 24)
+    {'metadata': {'total_size': 24}, 'weight_map': {'w': 'model-00001-of-00002.safetensors'}}
+    """
     meta: dict[str, Any] = {"total_size": total_size}
     if metadata:
         meta.update(metadata)
-    body = json.dumps({"metadata": meta, "weight_map": weight_map}, indent=2) + "\n"
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(body)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    return {"metadata": meta, "weight_map": weight_map}
+
+
+def write_index(
+    path: str, weight_map: dict[str, str], total_size: int, metadata: dict[str, str] | None = None
+) -> None:
+    """Write an index file atomically and durably (see `atomic_write_json`)."""
+    atomic_write_json(path, index_json(weight_map, total_size, metadata), indent=2)

@@ -35,7 +35,8 @@ from dataclasses import dataclass
 
 from weightbridge.errors import PlanError
 from weightbridge.ops import Op, Permute, Reshape
-from weightbridge.planning.layouts import canonical_framework, is_buffer
+from weightbridge.plan import is_buffer
+from weightbridge.planning.layouts import canonical_framework
 
 Shape = tuple[int, ...]
 

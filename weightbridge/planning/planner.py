@@ -21,9 +21,9 @@ from typing import Any
 from weightbridge import dtypes
 from weightbridge.errors import PlanError, RuleError
 from weightbridge.ops import Cast, Op, Reshape, infer
-from weightbridge.plan import Plan, Step
+from weightbridge.plan import Note, Plan, Step, is_buffer
 from weightbridge.planning.layout_flags import convert_params
-from weightbridge.planning.layouts import is_buffer
+from weightbridge.planning.match_result import MatchResult, PlannedPair
 from weightbridge.planning.rules import resolve as resolve_rules
 from weightbridge.spec import CheckpointSpec, TensorSpec
 
@@ -73,9 +73,10 @@ class Rename:
 
 
 # A matcher pairs what names alone could not: (unpaired source specs, unpaired target specs)
-# -> list of (target name, source name(s), ops).
+# -> a `MatchResult` (pairs, notes, refusal), or, from a simple custom matcher, bare pairs
+# (target name, source name(s), ops).
 Matcher = Callable[
-    [Sequence[TensorSpec], Sequence[TensorSpec]], list[tuple[str, tuple[str, ...], tuple[Op, ...]]]
+    [Sequence[TensorSpec], Sequence[TensorSpec]], MatchResult | Sequence[PlannedPair]
 ]
 
 
@@ -90,6 +91,7 @@ def make_plan(
     matcher: Matcher | None = None,
     rules: Mapping[str, Any] | None = None,
     partial: bool = False,
+    log: list[str] | None = None,
 ) -> Plan:
     """Plan a conversion of `source` into `target` (or into what the renames produce).
 
@@ -103,9 +105,11 @@ def make_plan(
         rules: ``{target_regex: Transform}`` applied before anything else (see `weightbridge.planning.rules`).
         partial: load what fits; targets nothing pairs keep their own value (a step whose
             source is ``mine:<name>``, read from the target checkpoint) instead of an error.
+        log: the matcher's notes for people (what it decided, and why) are appended here.
 
     Raises:
         PlanError: unpaired tensors (both sides listed, with shapes) or ops that do not fit.
+        MatchError: the matcher refused to pair without guessing.
 
     >>> src = CheckpointSpec.of([TensorSpec("fc.weight", (4, 3), "F32")])
     >>> print(make_plan(src, from_framework="pytorch", to_framework="flax").explain())
@@ -115,7 +119,16 @@ def make_plan(
     """
     with _gc_paused():
         return _make_plan(
-            source, target, renames, from_framework, to_framework, dtype, matcher, rules, partial
+            source,
+            target,
+            renames,
+            from_framework,
+            to_framework,
+            dtype,
+            matcher,
+            rules,
+            partial,
+            log,
         )
 
 
@@ -148,6 +161,7 @@ def _make_plan(
     matcher: Matcher | None,
     rules: Mapping[str, Any] | None,
     partial: bool,
+    log: list[str] | None,
 ) -> Plan:
     cast_to = dtypes.canonical(dtype) if dtype else None
     unused: dict[str, str] = {}
@@ -185,7 +199,7 @@ def _make_plan(
             shape, dt = infer(ops, [t.shape], t.dtype, where=f"tensor {t.name!r}")
             ops, dt = _with_cast(ops, dt, cast_to)
             steps.append(Step(TensorSpec(name, shape, dt), (t.name,), ops))
-        return Plan.build(source, steps, unused=unused, notes=layout.notes)
+        return Plan.build(source, steps, unused=unused, notes=_layout_notes(layout.notes))
 
     paired: dict[str, tuple[tuple[str, ...], tuple[Op, ...]]] = {}
     kept_by_rule: list[str] = []
@@ -211,11 +225,23 @@ def _make_plan(
     taken = {s for snames, _ in paired.values() for s in snames}
     left_src = [t for name, (t, _, _) in candidates.items() if t.name not in taken]
     left_tgt = [t for t in target if t.name not in paired and t.name not in kept_by_rule]
+    sliced: list[str] = []
     if (left_src or left_tgt) and matcher is not None:
         # The matcher sees the renamed names; its pairs are mapped back to the source's.
         original = {name: t.name for name, (t, _, _) in candidates.items() if t.name not in taken}
         as_renamed = [source[o].renamed(name) for name, o in original.items()]
-        for tname, snames, ops in matcher(as_renamed, left_tgt):
+        found = matcher(as_renamed, left_tgt)
+        pairs: Sequence[PlannedPair]
+        if isinstance(found, MatchResult):
+            if log is not None:
+                log += found.log()
+            if found.refusal is not None:
+                raise found.refusal.error()
+            sliced = found.notes_of("sliced")
+            pairs = found.pairs
+        else:
+            pairs = found
+        for tname, snames, ops in pairs:
             paired[tname] = (tuple([original[s] for s in snames]), ops)
         used = {s for snames, _ in paired.values() for s in snames}
         left_src = [t for t in left_src if t.name not in used]
@@ -228,15 +254,21 @@ def _make_plan(
         unused[t.name] = (
             "buffer, not carried over" if is_buffer(t.name) else "no counterpart in the target"
         )
-    notes = [*layout.notes]
-    notes += [f"target buffer {t.name} has no source; it keeps its own value" for t in kept]
-    notes += [line for line in getattr(matcher, "log", []) if line.startswith("sliced:")]
+    notes = _layout_notes(layout.notes)
+    notes += [
+        Note("buffer", f"target buffer {t.name} has no source; it keeps its own value")
+        for t in kept
+    ]
+    notes += [Note("sliced", text) for text in sliced]
     own = [*kept_by_rule, *(t.name for t in left_tgt)]
     for name in kept_by_rule:
-        notes.append(f"kept: {name} keeps the target's own value (rule use_fallback)")
+        notes.append(Note("kept", f"kept: {name} keeps the target's own value (rule use_fallback)"))
     for t in left_tgt:
         notes.append(
-            f"kept: {t.name} {t.shape} has no counterpart; it keeps the target's own value"
+            Note(
+                "kept",
+                f"kept: {t.name} {t.shape} has no counterpart; it keeps the target's own value",
+            )
         )
     union = source
     if own:
@@ -326,3 +358,8 @@ def _unpaired_message(left_src: Sequence[TensorSpec], left_tgt: Sequence[TensorS
         "names, or choose the frameworks with --from/--to"
     )
     return "\n".join(lines)
+
+
+def _layout_notes(texts: Sequence[str]) -> list[Note]:
+    """The layout flags' notes (what was inferred from the names), typed for the plan."""
+    return [Note("layout", text) for text in texts]

@@ -27,6 +27,8 @@ from typing import Any
 
 import numpy as np
 
+from weightbridge._tree import flatten as _flatten
+from weightbridge._tree import unflatten_like as _unflatten
 from weightbridge.errors import PlanError, RuleError
 from weightbridge.ops import Op, Slice, infer
 from weightbridge.spec import CheckpointSpec, TensorSpec
@@ -195,21 +197,6 @@ def _step(
 
 
 # --- the orbax call, in memory ------------------------------------------------------------
-
-
-def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
-    if not isinstance(tree, Mapping):
-        return {prefix: tree}
-    out: dict[str, Any] = {}
-    for k, v in tree.items():
-        out.update(_flatten(v, f"{prefix}/{k}" if prefix else str(k)))
-    return out
-
-
-def _unflatten(flat: Mapping[str, Any], like: Any, prefix: str = "") -> Any:
-    if not isinstance(like, Mapping):
-        return flat[prefix]
-    return {k: _unflatten(flat, v, f"{prefix}/{k}" if prefix else str(k)) for k, v in like.items()}
 
 
 def _subtree(tree: Any, key: str) -> Any:

@@ -9,9 +9,12 @@ writes again.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from weightbridge.errors import ConversionError
+
+if TYPE_CHECKING:  # the object-store destination imports JOURNAL_NAME from here
+    from weightbridge.streaming.dest.base import Destination
 
 JOURNAL_NAME = ".weightbridge-journal.json"
 JOURNAL_VERSION = 2  # 2: shard checksums are CRC-32 + size (were sha256)
@@ -21,15 +24,17 @@ JOURNAL_VERSION = 2  # 2: shard checksums are CRC-32 + size (were sha256)
 class Journal:
     """In-memory copy of the journal of one destination."""
 
-    dest: Any  # a weightbridge.streaming.dest.Destination
+    dest: Destination
     job: str = ""
     shards: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # Written by the converter (`weightbridge.streaming.convert`) alone, after
+    # `Destination.finalize`; kept in the file for people and tools, never read back to act on.
     complete: bool = False
     outputs: list[str] = field(default_factory=list)
     source: list[list[Any]] = field(default_factory=list)  # [path, size, mtime_ns] per file
 
     @classmethod
-    def load(cls, dest: Any) -> Journal | None:
+    def load(cls, dest: Destination) -> Journal | None:
         obj = dest.read_json(JOURNAL_NAME)
         if obj is None:
             return None

@@ -1,10 +1,9 @@
-"""Destinations: where a conversion's shards, index and journal go, and how a shard commits.
+"""A local directory as a `Destination`, and `destination_for`, which picks the destination
+of a path or URL.
 
-The converter (`weightbridge.streaming.convert`) speaks only to this protocol, so a local directory and
-an object store (`weightbridge.io.tensorstore`, for ``s3://``, ``gs://``, ``memory://`` URLs)
-are interchangeable. A shard is written through `open_shard`; `ShardSink.commit` makes it
-visible under its final name atomically (local: fsync + rename), `abort` leaves nothing that
-looks complete.
+A shard is written under a hidden temporary name through `open_shard`; `commit` makes it
+visible under its final name atomically (fsync, rename, fsync of the directory), `abort`
+removes the temporary file. The protocols are in `weightbridge.streaming.dest.base`.
 """
 
 from __future__ import annotations
@@ -13,61 +12,19 @@ import contextlib
 import fcntl
 import json
 import os
-import re
 import shutil
 import socket
-import threading
 from collections.abc import Iterator, Sequence
-from typing import Any, Protocol
+from typing import Any
 
 from weightbridge import io as wio
 from weightbridge.errors import ConversionError
+from weightbridge.io._files import atomic_write_json, fsync_dir, is_remote_url, temporary_name
+from weightbridge.io.base import Reader, ShardWriter
 from weightbridge.spec import TensorSpec
+from weightbridge.streaming.dest.base import ARRAY_FORMATS, Completed, Destination
 
 LOCK_NAME = ".weightbridge.lock"
-_URL = re.compile(r"^[a-z][a-z0-9+.-]*://", re.IGNORECASE)
-
-
-class ShardSink(Protocol):
-    writer: Any
-
-    def commit(self) -> int: ...
-
-    def abort(self) -> None: ...
-
-
-class Destination(Protocol):
-    """A place a conversion writes into (a directory, or a prefix in an object store)."""
-
-    url: str
-
-    def prepare(self) -> None: ...
-
-    def exists(self, name: str) -> bool: ...
-
-    def size(self, name: str) -> int | None: ...
-
-    def remove(self, name: str) -> None: ...
-
-    def remove_temporaries(self) -> None: ...
-
-    def read_json(self, name: str) -> Any: ...
-
-    def write_json(self, name: str, obj: Any) -> None: ...
-
-    def open_shard(
-        self, name: str, format: str, tensors: Sequence[TensorSpec], metadata: dict[str, str] | None
-    ) -> ShardSink: ...
-
-    def open_reader(self, name: str | None = None) -> Any: ...
-
-    def free_space(self) -> int | None: ...
-
-    def lock(self) -> contextlib.AbstractContextManager[None]: ...
-
-
-# Output formats that are trees of arrays in a kvstore rather than files.
-ARRAY_FORMATS = ("zarr", "zarr3", "orbax")
 
 
 def destination_for(
@@ -78,11 +35,10 @@ def destination_for(
     if not isinstance(dest, (str, os.PathLike)):
         return dest
     text = os.fspath(dest)
-    if (_URL.match(text) and not text.startswith("file://")) or format in ARRAY_FORMATS:
-        from weightbridge.io.tensorstore import TensorstoreDestination
+    if is_remote_url(text) or format in ARRAY_FORMATS:
+        from weightbridge.streaming.dest.object_store import TensorstoreDestination
 
-        remote: Destination = TensorstoreDestination(text, **options)
-        return remote
+        return TensorstoreDestination(text, **options)
     return LocalDirectory(text.removeprefix("file://"))
 
 
@@ -91,12 +47,12 @@ class _LocalSink:
         self,
         directory: LocalDirectory,
         name: str,
-        writer_cls: Any,
+        writer_cls: type[ShardWriter],
         tensors: Sequence[TensorSpec],
         metadata: dict[str, str] | None,
     ) -> None:
         self.directory, self.name = directory, name
-        self.tmp = os.path.join(directory.url, f".{name}.tmp-{os.getpid()}-{threading.get_ident()}")
+        self.tmp = temporary_name(os.path.join(directory.url, name))
         self.writer = writer_cls(self.tmp, list(tensors), metadata)
 
     def commit(self) -> int:
@@ -161,30 +117,33 @@ class LocalDirectory:
             ) from e
 
     def write_json(self, name: str, obj: Any) -> None:
-        path = self._path(name)
-        # A leading dot, like the shards' temp names, so remove_temporaries finds it after a kill.
-        tmp = self._path(f".{name}.tmp-{os.getpid()}-{threading.get_ident()}")
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=1)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        fsync_dir(self.url)
+        # Its temporary name starts with a dot and holds ".tmp-", like the shards', so
+        # remove_temporaries finds it after a kill.
+        atomic_write_json(self._path(name), obj)
 
     def open_shard(
         self, name: str, format: str, tensors: Sequence[TensorSpec], metadata: dict[str, str] | None
     ) -> _LocalSink:
         return _LocalSink(self, name, wio.writer_class(format), tensors, metadata)
 
-    def open_reader(self, name: str | None = None) -> Any:
-        return wio.open_reader(self._path(name) if name else self.url)
+    def open_reader(self, name: str | None = None) -> Reader:
+        reader: Reader = wio.open_reader(self._path(name) if name else self.url)
+        return reader
 
     def free_space(self) -> int | None:
         try:
             return shutil.disk_usage(self.url).free
         except OSError:
             return None
+
+    def max_object_size(self, format: str) -> int | None:
+        return None  # a file is written tile by tile, whatever its size
+
+    def start(self, outputs: Sequence[str]) -> None:
+        pass  # the index (written last) is what makes a directory complete
+
+    def finalize(self, completed: Completed) -> None:
+        pass  # the same: nothing beyond the shards and the index
 
     @contextlib.contextmanager
     def lock(self) -> Iterator[None]:
@@ -218,17 +177,3 @@ def _remove(path: str) -> None:
         os.remove(path)
     except FileNotFoundError:
         pass
-
-
-def fsync_dir(path: str) -> None:
-    """Make a rename inside `path` durable (a no-op where directories cannot be opened)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)

@@ -1,0 +1,212 @@
+"""The refusal: what the matcher could not pair, why, and hints checked to resolve it.
+
+A refusal lists every ambiguity at once (both sides, with shapes), and suggests only hints
+that were checked by planning again with them. It also gives the open decisions as data
+(`open_choices`), which running both models can settle (`weightbridge.frameworks.check`).
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Iterator
+
+from weightbridge.errors import Hint
+from weightbridge.planning.evidence import similarity
+from weightbridge.planning.hints import hint_text, unique_tail
+from weightbridge.planning.match_result import Decision
+from weightbridge.planning.pairing import Conflict, Outcome, TreePairing
+from weightbridge.planning.tree import Node, real_path, relaxed_key
+from weightbridge.spec import TensorSpec
+
+# Plans the whole match again, quietly, with these hints added to the user's.
+Replan = Callable[[tuple[Hint, ...]], Outcome]
+
+# Tied groups up to this size offer every assignment as an alternative to try by execution
+# (4! = 24); larger groups need hints or rules.
+_MAX_GROUP_TO_TRY = 4
+
+
+def open_choices(outcome: Outcome) -> tuple[Decision, ...]:
+    """The refusal's open decisions: orientation, flatten order, and each small tied group's
+    possible assignments (as hints). Groups whose alternatives read the same (every layer's
+    pair of norms) are one decision."""
+    out = list(outcome.choices)
+    for c in outcome.result.conflicts:
+        if len(c.targets) > _MAX_GROUP_TO_TRY:
+            continue
+        alternatives: list[tuple[Hint, ...]] = []
+        for pairing in _assignments(c.targets, c.sources):
+            alternatives.append(
+                tuple(
+                    (hint_text(t, c.targets), hint_text(s, c.sources))
+                    for t, s in _to_pin(pairing, c)
+                )
+            )
+        out.append(tuple(alternatives))
+    return tuple(dict.fromkeys(out))
+
+
+def refusal_message(
+    src: list[TensorSpec], tgt: list[TensorSpec], outcome: Outcome, replan: Replan
+) -> str:
+    """The refusal message: summary, at most ~20 detail lines, then checked hints (each
+    checked by planning again with it, through `replan`)."""
+    r = outcome.result
+    n_unpaired = len(r.unpaired_targets)
+    lines = [
+        f"refused to guess: {len(r.pairs)} tensor(s) paired, {len(r.conflicts)} ambiguous "
+        f"group(s), {n_unpaired} target(s) and {len(r.unpaired_sources)} source(s) unmatched, "
+        f"{len(outcome.problems)} other problem(s)"
+    ]
+    detail: list[str] = []
+    fixes: list[str] = []
+    for i, c in enumerate(r.conflicts):
+        detail.append(f"  ambiguous ({c.why}):")
+        detail += [f"    OUT {describe_leaf(leaf)}" for t in c.targets for leaf in t.leaves()][:6]
+        detail += [f"    IN  {describe_leaf(leaf)}" for s in c.sources for leaf in s.leaves()][:6]
+        if i < _HINTS_CHECKED:
+            fixes.append(_checked_hint(c, replan))
+    if r.unpaired_targets or r.unpaired_sources:
+        detail.append("  no counterpart with a matching role and size:")
+        detail += [f"    OUT {describe_leaf(n)} [{n.role}]" for n in r.unpaired_targets]
+        detail += [f"    IN  {describe_leaf(n)} [{n.role}]" for n in r.unpaired_sources]
+        bias = bias_mismatch(r)
+        if bias:
+            detail.append(f"  {bias}")
+        fixes += _tied_copies(src, tgt, r, replan)
+    if outcome.stray:
+        detail.append("  left over from modules whose other tensors were used:")
+        detail += [f"    IN  {describe_leaf(n)} [{n.role}]" for n in outcome.stray]
+    detail += [f"  {p}" for p in outcome.problems]
+    if len(detail) > _DETAIL_LINES:
+        more = len(detail) - _DETAIL_LINES
+        detail = [*detail[:_DETAIL_LINES], f"  ... and {more} more line(s)"]
+    lines += detail
+    lines.append("what to do:")
+    lines += [f"  {f}" for f in _grouped(fixes)]
+    lines.append(
+        "  pair tensors yourself with hints (TARGET_PART=SOURCE_PART), write a rules file "
+        "(--rules), or load what fits with partial=True (CLI --partial)"
+    )
+    return "\n".join(lines)
+
+
+def _tied_copies(
+    src: list[TensorSpec], tgt: list[TensorSpec], r: TreePairing, replan: Replan
+) -> list[str]:
+    """A target with several same-shaped unpaired sources: in a file, tied tensors (T5's
+    ``shared`` and ``encoder.embed_tokens``) are stored as copies, and any of them may be
+    the one. Name the hint that picks one (checked), since values are not read here."""
+    out: list[str] = []
+    for t in r.unpaired_targets[:_HINTS_CHECKED]:
+        same = [s for s in r.unpaired_sources if relaxed_key(s) == relaxed_key(t)]
+        if len(same) < 2:
+            continue
+        best = max(same, key=lambda s: (similarity(s, t), -s.order))
+        hint = (
+            unique_tail(real_path(t), [x.name for x in tgt]),
+            unique_tail(real_path(best), [x.name for x in src]),
+        )
+        again = replan((hint,))
+        if any(u.path == t.path for u in again.result.unpaired_targets) or again.bad_hints:
+            continue
+        names = ", ".join(repr(real_path(s)) for s in same[:4])
+        out.append(
+            f"{real_path(t)!r} has {len(same)} candidates of its shape ({names}), maybe "
+            f"tied copies of one tensor; to take {real_path(best)!r}: hints={[hint]!r} "
+            f"(CLI: --hint {hint[0]}={hint[1]}) (checked: it pairs this tensor)"
+        )
+    return out
+
+
+def _checked_hint(c: Conflict, replan: Replan) -> str:
+    """Hints for a conflict, printed only if re-planning with them removes it. They name a
+    likely pairing, for the user to confirm, not a decision: by word overlap (which the
+    matcher itself does not trust) when that gives one, else by definition order."""
+    ts = sorted(c.targets, key=lambda n: n.order)
+    for pairing in (
+        _likely_by_words(c.sources, ts),
+        list(zip(ts, sorted(c.sources, key=lambda n: n.order)[: len(ts)], strict=True)),
+    ):
+        if pairing is None:
+            continue
+        extra = tuple(
+            (hint_text(t, c.targets), hint_text(s, c.sources)) for t, s in _to_pin(pairing, c)
+        )
+        again = replan(extra)
+        group = {t.path for t in c.targets}
+        still = any({t.path for t in k.targets} == group for k in again.result.conflicts)
+        if still or again.bad_hints:
+            continue
+        pairs = ", ".join(f"{real_path(t)!r} is {real_path(s)!r}" for t, s in pairing)
+        cli = " ".join(f"--hint {a}={b}" for a, b in extra)
+        return f"if {pairs}: hints={list(extra)!r} (CLI: {cli}) (checked: it resolves this group)"
+    return (
+        f"no hint found that separates {real_path(ts[0])!r} from its look-alikes; "
+        "pair them with a rules file"
+    )
+
+
+def _likely_by_words(ss: list[Node], ts: list[Node]) -> list[tuple[Node, Node]] | None:
+    """The assignment with the most word overlap (Jaccard), if one is strictly best: a guess
+    to show in a refusal, never used to decide. Small groups only (it tries permutations)."""
+    if len(ts) > 6:
+        return None
+    best: list[tuple[float, list[tuple[Node, Node]]]] = []
+    for pairing in _assignments(ts, ss):
+        best.append((sum(similarity(s, t) for t, s in pairing), pairing))
+    best.sort(key=lambda x: -x[0])
+    if len(best) > 1 and best[0][0] - best[1][0] < 1e-9:
+        return None
+    return best[0][1]
+
+
+def _assignments(ts: list[Node], ss: list[Node]) -> Iterator[list[tuple[Node, Node]]]:
+    """Every way to give each target its own source (a group may have more sources)."""
+    for perm in itertools.permutations(ss, len(ts)):
+        yield list(zip(ts, perm, strict=True))
+
+
+def _to_pin(pairing: list[tuple[Node, Node]], c: Conflict) -> list[tuple[Node, Node]]:
+    """The pairs a hint must name: with as many sources as targets the last one follows."""
+    return pairing[:-1] if len(c.sources) == len(c.targets) else pairing
+
+
+def _grouped(fixes: list[str]) -> list[str]:
+    """One line per distinct hint (the same hint often resolves every layer's group)."""
+    seen: dict[str, int] = {}
+    first: dict[str, str] = {}
+    for f in fixes:
+        key = f.split(": hints=", 1)[-1]
+        seen[key] = seen.get(key, 0) + 1
+        first.setdefault(key, f)
+    return [
+        first[k] + (f" (the same hint for {n} groups)" if n > 1 else "") for k, n in seen.items()
+    ]
+
+
+# Refusal messages: how many groups get a re-planned, checked hint, and how many detail lines
+# are shown before "... and N more" (enough to see the pattern, short enough to read).
+_HINTS_CHECKED = 10
+_DETAIL_LINES = 20
+
+
+def describe_leaf(n: Node) -> str:
+    assert n.spec is not None
+    return f"{n.spec.name} {n.spec.shape}"
+
+
+def bias_mismatch(result: TreePairing) -> str:
+    t_bias = [n for n in result.unpaired_targets if n.role == "bias"]
+    s_bias = [n for n in result.unpaired_sources if n.role == "bias"]
+    if t_bias and not s_bias:
+        return (
+            f"the target has biases the source lacks (e.g. {t_bias[0].path}): use_bias differs "
+            "between the implementations"
+        )
+    if s_bias and not t_bias:
+        return (
+            f"the source has biases the target lacks (e.g. {s_bias[0].path}): use_bias differs "
+            "between the implementations"
+        )
+    return ""
