@@ -75,9 +75,11 @@ FORMATS: dict[str, FormatEntry] = {
         FormatEntry("safetensors", ".safetensors", ("safetensors",), (".safetensors",)),
         FormatEntry("numpy", ".numpy", ("npz", "numpy"), (".npz",)),
         FormatEntry("hdf5", ".hdf5", ("h5", "hdf5"), (".h5",), "pip install h5py"),
+        FormatEntry("dcp", ".dcp"),
         FormatEntry("torch", ".torch", ("torch", "pt", "bin"), (".bin", ".pt", ".pth", ".ckpt")),
         FormatEntry("tfcheckpoint", ".tfcheckpoint"),
         FormatEntry("msgpack", ".msgpack", ("msgpack", "flax"), (".msgpack",)),
+        FormatEntry("gguf", ".gguf", ("gguf",), (".gguf",)),
         FormatEntry(
             "tensorstore", ".zarr", ("zarr", "zarr3", "orbax"), (), "pip install tensorstore"
         ),
@@ -86,6 +88,8 @@ FORMATS: dict[str, FormatEntry] = {
 
 if TYPE_CHECKING:  # mypy proves each built-in format module meets the contract it is typed as
     from weightbridge.io import (
+        dcp,
+        gguf,
         hdf5,
         msgpack,
         numpy,
@@ -95,8 +99,8 @@ if TYPE_CHECKING:  # mypy proves each built-in format module meets the contract 
         torch,
     )
 
-    _WRITABLE: tuple[WritableFormatModule, ...] = (safetensors, numpy, hdf5, torch, msgpack)
-    _READ_ONLY: tuple[FormatModule, ...] = (sharded, tfcheckpoint)
+    _WRITABLE: tuple[WritableFormatModule, ...] = (safetensors, numpy, hdf5, torch, msgpack, gguf)
+    _READ_ONLY: tuple[FormatModule, ...] = (sharded, tfcheckpoint, dcp)
 
 # Members every format module has (`FormatModule`); checked when a module is first loaded.
 _REQUIRED = ("NAME", "SUFFIXES", "detect", "open_reader")
