@@ -32,7 +32,13 @@ from tests.corpus.harness import (  # noqa: E402 (needs the repo root on sys.pat
     run_with_suggested_hints,
 )
 
-CASE_MODULES = ("cases_vision", "cases_transformers", "cases_keras")
+CASE_MODULES = (
+    "cases_vision",
+    "cases_transformers",
+    "cases_keras",
+    "cases_peers",
+    "cases_convnext_ref",
+)
 
 
 def all_cases() -> list[Case]:
