@@ -182,7 +182,7 @@ def _contest_twins(result: TreePairing, hints: tuple[Hint, ...]) -> None:
             and n.spec is not None
             and s.spec is not None
             and n.spec.shape == s.spec.shape
-            and s.path.startswith(_parent(n.path) + s.path[len(_parent(n.path))])
+            and _inside(s.path, _parent(n.path))
         ]
         if not twins:
             continue
@@ -203,6 +203,11 @@ def _contest_twins(result: TreePairing, hints: tuple[Hint, ...]) -> None:
     if contested:
         result.pairs = [p for i, p in enumerate(result.pairs) if i not in contested]
         result.conflicts.extend(contested.values())
+
+
+def _inside(path: str, module: str) -> bool:
+    """True if `path` lies inside `module` (whole name components, either separator)."""
+    return path.startswith(module) and path[len(module) : len(module) + 1] in (".", "/")
 
 
 _TWIN_WHY = (
