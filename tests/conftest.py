@@ -29,6 +29,8 @@ _FRAMEWORK_MODULES = {
     "equinox": "equinox",
     # llama.cpp's own Python package: the oracle for the GGUF reader and writer.
     "gguf": "gguf",
+    # dask.distributed: a real scheduler and workers for the scale-out tests.
+    "dask": "distributed",
 }
 
 
@@ -56,7 +58,7 @@ def pytest_configure(config: pytest.Config) -> None:
         "transformers: needs transformers 4.x with its Flax classes (skipped when absent unless "
         "WEIGHTBRIDGE_REQUIRE includes transformers)",
     )
-    for lib, pkg in (("haiku", "dm-haiku"), ("equinox", "equinox"), ("gguf", "gguf")):
+    for lib, pkg in (("haiku", "dm-haiku"), ("equinox", "equinox"), ("gguf", "gguf"), ("dask", "dask[distributed]")):
         config.addinivalue_line(
             "markers",
             f"{lib}: needs {pkg} (skipped when absent unless WEIGHTBRIDGE_REQUIRE includes {lib})",

@@ -1,5 +1,9 @@
 import sys
 
-from weightbridge.cli import main
+try:
+    from weightbridge.cli import main
+except KeyboardInterrupt:  # Ctrl-C while Python imports the command line: no traceback
+    print("weightbridge: interrupted", file=sys.stderr)
+    sys.exit(130)
 
 sys.exit(main())

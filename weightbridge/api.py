@@ -10,24 +10,25 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Iterator, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any, overload
 
-import numpy as np
-
-from weightbridge import dtypes
 from weightbridge import io as wio
-from weightbridge._tree import flatten
 from weightbridge.errors import PlanError, SpecError
 from weightbridge.io._files import atomic_write_json
-from weightbridge.io.base import UnionReader
 from weightbridge.plan import Plan
-from weightbridge.planning.match import Matcher as AutoMatcher
-from weightbridge.planning.planner import MINE, Matcher, Rename, make_plan
 from weightbridge.spec import CheckpointSpec, TensorSpec, load_spec_file
 from weightbridge.streaming.convert import DEFAULT_MAX_SHARD_SIZE, ConversionReport
 from weightbridge.streaming.convert import convert as _stream_convert
 from weightbridge.streaming.convert import verify as _stream_verify
 from weightbridge.streaming.dest import Destination, destination_for
+
+if TYPE_CHECKING:
+    from weightbridge.planning.planner import Matcher, Rename
+    from weightbridge.streaming.batch import BatchReport
+
+# The prefix of the target's own tensors in a partial plan (`weightbridge.planning.planner.MINE`,
+# spelled here so that inspecting a checkpoint does not import the planner; a test checks both).
+MINE = "mine:"
 
 PLAN_FILE = ".weightbridge-plan.json"
 
@@ -55,6 +56,8 @@ def spec_of(obj: Any) -> CheckpointSpec:
 
         return spec_from_pytree(obj)
     if isinstance(obj, Mapping):
+        from weightbridge._tree import flatten
+
         return CheckpointSpec.of(_leaf_spec(k, v) for k, v in flatten(obj).items())
     raise SpecError(
         f"cannot take specs from a {type(obj).__name__}; pass a checkpoint path, a spec JSON "
@@ -63,6 +66,10 @@ def spec_of(obj: Any) -> CheckpointSpec:
 
 
 def _leaf_spec(name: str, leaf: Any) -> TensorSpec:
+    import numpy as np
+
+    from weightbridge import dtypes
+
     if hasattr(leaf, "shape") and hasattr(leaf, "dtype"):
         return TensorSpec(name, tuple(leaf.shape), dtypes.from_numpy(np.dtype(leaf.dtype)))
     raise SpecError(f"leaf {name!r} is a {type(leaf).__name__}, not an array or shape/dtype struct")
@@ -103,8 +110,15 @@ def plan(
     `hints` (target substring, source substring) steer. `partial` loads what fits and keeps
     the target's own values elsewhere; `slice_mismatched` also copies the overlapping block of
     same-named tensors whose shapes differ (a 1000-class head into 10 classes). `log`, when
-    given, receives the matcher's notes: what it decided, and why.
+    given, receives the matcher's notes: what it decided, and why (and which weight file was
+    read from a Hugging Face folder). `dtype` casts floating-point tensors; with a target it
+    replaces the target's float dtypes (integer and bool tensors keep theirs).
     """
+    from weightbridge.planning.match import Matcher as AutoMatcher
+    from weightbridge.planning.planner import make_plan
+
+    if log is not None:
+        log += weights_notes(source, target)
     if matcher is None and target is not None:
         matcher = AutoMatcher(
             from_framework,
@@ -130,12 +144,44 @@ def plan(
 _plan = plan  # `convert` has an argument called plan
 
 
+def weights_notes(*objs: Any) -> list[str]:
+    """Which weight file is read from each Hugging Face folder among `objs` (one line each;
+    none for a folder whose only files are its weights)."""
+    from weightbridge.io.hf_folder import choose_weights
+
+    notes = []
+    for obj in objs:
+        if isinstance(obj, (str, os.PathLike)) and os.path.isdir(obj):
+            choice = choose_weights(os.fspath(obj))
+            if choice is not None and (choice.others or choice.extra):
+                notes.append(choice.describe())
+    return notes
+
+
 def _rules(renames: Sequence[Rename | str]) -> list[Rename]:
+    from weightbridge.planning.planner import Rename
+
     return [r if isinstance(r, Rename) else Rename.parse(r) for r in renames]
 
 
+@overload
 def convert(
     source: str | os.PathLike[str],
+    dest: str | os.PathLike[str] | Destination,
+    **options: Any,
+) -> ConversionReport: ...
+
+
+@overload
+def convert(
+    source: Sequence[str | os.PathLike[str]],
+    dest: str | os.PathLike[str] | Destination,
+    **options: Any,
+) -> BatchReport: ...
+
+
+def convert(
+    source: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
     dest: str | os.PathLike[str] | Destination,
     *,
     target: Any = None,
@@ -146,18 +192,49 @@ def convert(
     progress: bool = False,
     dest_options: dict[str, Any] | None = None,
     keep_cache: bool = False,
+    executor: object = None,
+    retries: int | None = None,
+    partition: tuple[int, int] | None = None,
     **planning: Any,
-) -> ConversionReport:
+) -> ConversionReport | BatchReport:
     """Plan (unless a plan is given) and stream `source` into the directory `dest`.
 
     `planning` takes the keyword arguments of `plan` (renames, rules, from_framework, hints,
-    partial, ...). The plan is saved in `dest` as ``.weightbridge-plan.json`` so `verify` can
-    recheck it. When the plan keeps some of the target's own values (partial loading), `target`
-    must be a checkpoint with data, which is read for them. `dest` may be an object-store URL
-    (``s3://bucket/prefix``; `dest_options` takes ``endpoint``, ``aws_region``, ``step``).
-    `keep_cache` leaves the source in the page cache (by default each source tensor leaves it
-    after its last use).
+    partial, dtype, ...). The plan is saved in `dest` as ``.weightbridge-plan.json`` so `verify`
+    can recheck it. When the plan keeps some of the target's own values (partial loading),
+    `target` must be a checkpoint with data, which is read for them. `dest` may be an
+    object-store URL (``s3://bucket/prefix``; `dest_options` takes ``endpoint``, ``aws_region``,
+    ``step``). `keep_cache` leaves the source in the page cache (by default each source tensor
+    leaves it after its last use).
+
+    A list of sources is a batch: `dest` is then a directory with one output per source, named
+    after its base name (``ckpts/step_1000`` -> ``dest/step_1000/``); sources with the same specs
+    share one plan; a rerun resumes the whole batch; a `BatchReport` is returned.
+
+    `executor` runs the output shards as tasks: None or ``"threads"`` (this process),
+    ``"processes"``/``"processes:N"``, a `concurrent.futures.Executor`, a
+    `dask.distributed.Client`, ``"dask://HOST:PORT"`` or ``"dask"`` (``$DASK_SCHEDULER_ADDRESS``;
+    needs ``pip install 'weightbridge[dask]'``); `retries` is per task (Dask). `partition=(I, N)`
+    converts only the I-th of N byte-balanced shares of the shards, so N runs (SLURM/Kubernetes
+    array jobs) can write into one `dest` at once; a plain run afterwards writes the indexes.
     """
+    if not isinstance(source, (str, os.PathLike)):
+        return _convert_batch(
+            list(source),
+            dest,
+            target=target,
+            plan=plan,
+            format=format,
+            max_shard_size=max_shard_size,
+            overwrite=overwrite,
+            progress=progress,
+            dest_options=dest_options,
+            keep_cache=keep_cache,
+            executor=executor,
+            retries=retries,
+            partition=partition,
+            **planning,
+        )
     source = os.fspath(source)
     with wio.open_reader(source) as reader:
         if plan is None:
@@ -165,7 +242,10 @@ def convert(
         else:
             the_plan = plan if isinstance(plan, Plan) else Plan.load(plan)
             if target is not None:
-                the_plan.validate(_union_spec(reader, the_plan, target), target=spec_of(target))
+                the_plan.validate(
+                    _union_spec(reader, the_plan, target),
+                    target=target_spec_with_dtype(target, planning.get("dtype")),
+                )
         with _with_target_values(reader, the_plan, target) as full:
             report = _stream_convert(
                 the_plan,
@@ -177,6 +257,9 @@ def convert(
                 progress=progress,
                 dest_options=dest_options,
                 keep_cache=keep_cache,
+                executor=executor,
+                retries=retries,
+                partition=partition,
             )
     if all(op.kind != "apply" for s in the_plan.steps for op in s.ops):
         out = destination_for(dest, format=format, **(dest_options or {}))
@@ -184,8 +267,96 @@ def convert(
     return report
 
 
-def _needs_target_values(plan: Plan) -> bool:
+def _convert_batch(
+    sources: list[str | os.PathLike[str]],
+    dest: str | os.PathLike[str] | Destination,
+    *,
+    target: Any,
+    plan: Plan | str | os.PathLike[str] | None,
+    dest_options: dict[str, Any] | None,
+    format: str,
+    **options: Any,
+) -> BatchReport:
+    """`convert` for a list of sources (see there): one plan per distinct specs."""
+    from weightbridge.streaming.batch import convert_batch
+
+    planning = {k: options.pop(k) for k in list(options) if k not in _BATCH_OPTIONS}
+    if not isinstance(dest, (str, os.PathLike)):
+        raise SpecError("a batch's dest must be a directory path or an object-store URL")
+
+    def plan_for(specs: CheckpointSpec) -> Plan:
+        if plan is None:
+            return _plan(specs, target, **planning)
+        p = plan if isinstance(plan, Plan) else Plan.load(plan)
+        p.validate(specs)
+        return p
+
+    def checked_plan_for(specs: CheckpointSpec) -> Plan:
+        p = plan_for(specs)
+        if keeps_target_values(p):
+            raise PlanError(
+                "a batch cannot keep the target's own values (partial loading): convert those "
+                "checkpoints one at a time with target="
+            )
+        return p
+
+    report = convert_batch(
+        sources,
+        dest,
+        plan_for=checked_plan_for,
+        format=format,
+        dest_options=dest_options,
+        **options,
+    )
+    for name, p in report.plans.items():
+        if all(op.kind != "apply" for s in p.steps for op in s.ops):
+            out = destination_for(
+                f"{os.fspath(dest).rstrip('/')}/{name}", format=format, **(dest_options or {})
+            )
+            out.write_json(PLAN_FILE, p.to_json())
+    return report
+
+
+_BATCH_OPTIONS = frozenset(
+    {
+        "max_shard_size",
+        "overwrite",
+        "progress",
+        "keep_cache",
+        "executor",
+        "retries",
+        "partition",
+    }
+)
+
+
+def keeps_target_values(plan: Plan) -> bool:
+    """Whether `plan` keeps some of the target's own values (partial loading), so that
+    `convert` and `verify` need the target checkpoint (``target=``, ``--like``) to read them."""
     return any(s.startswith(MINE) for step in plan.steps for s in step.sources)
+
+
+_needs_target_values = keeps_target_values
+
+
+def target_spec_with_dtype(target: Any, dtype: str | None) -> CheckpointSpec:
+    """The specs a plan made with `dtype` produces for `target`: `dtype` replaces the target's
+    floating-point dtypes; integer and bool tensors keep theirs (the rule of ``--dtype``).
+
+    >>> t = CheckpointSpec.of([TensorSpec("w", (2,), "F32"), TensorSpec("n", (), "I64")])
+    >>> [s.dtype for s in target_spec_with_dtype(t, "bf16")]
+    ['BF16', 'I64']
+    """
+    from weightbridge import dtypes
+    from weightbridge.planning.planner import _FLOATS
+
+    spec = spec_of(target)
+    if dtype is None:
+        return spec
+    cast_to = dtypes.canonical(dtype)
+    return CheckpointSpec.of(
+        TensorSpec(t.name, t.shape, cast_to) if t.dtype in _FLOATS else t for t in spec
+    )
 
 
 def _union_spec(reader: Any, plan: Plan, target: Any) -> CheckpointSpec:
@@ -205,12 +376,27 @@ def _with_target_values(reader: Any, plan: Plan, target: Any) -> Iterator[Any]:
         return
     if not isinstance(target, (str, os.PathLike)) or os.fspath(target).endswith(".json"):
         kept = [s.target.name for s in plan.steps if s.sources[0].startswith(MINE)]
-        raise SpecError(
-            f"the plan keeps the target's own values for {len(kept)} tensor(s) (e.g. {kept[0]!r}), "
-            "so the target must be a checkpoint with data (--like model.safetensors), not a spec"
+        given = (
+            "no target was given"
+            if target is None
+            else f"the target given is {_what(target)}, which holds no values"
         )
+        raise SpecError(
+            f"the plan keeps the target's own values for {len(kept)} tensor(s) (e.g. {kept[0]!r}) "
+            f"and {given}: pass the target checkpoint with data they come from (command line: "
+            "--like model.safetensors; Python: target='model.safetensors', to both convert and "
+            "verify)"
+        )
+    from weightbridge.io.base import UnionReader
+
     with wio.open_reader(target) as mine:
         yield UnionReader({MINE: mine, "": reader})
+
+
+def _what(target: Any) -> str:
+    if isinstance(target, (str, os.PathLike)):
+        return f"the spec file {os.fspath(target)!r}"
+    return f"a {type(target).__name__}"
 
 
 def verify(
@@ -222,7 +408,12 @@ def verify(
     format: str | None = None,
     dest_options: dict[str, Any] | None = None,
 ) -> int:
-    """Recompute every output tensor from the source and compare; returns how many were checked."""
+    """Recompute every output tensor from the source and compare; returns how many were checked.
+
+    `plan` defaults to the one `convert` saved in `dest`. When it keeps some of the target's own
+    values (partial loading), pass the same `target` checkpoint `convert` was given: they are
+    compared too (``weightbridge verify SRC DEST --like TARGET``).
+    """
     if plan is None:
         out = destination_for(dest, format=format, **(dest_options or {}))
         saved = out.read_json(PLAN_FILE)

@@ -1,52 +1,79 @@
-"""The command line: parse arguments, call the API, print results. Nothing else lives here."""
+"""The command line: parse arguments, call the API, print results. Nothing else lives here.
+
+Start-up is kept short (`weightbridge --version` and `--help` import neither numpy nor the
+planning and streaming machinery): the API and everything it needs are imported inside the
+commands that use them. `scripts/bench_startup.py` measures it.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import signal
 import sys
-import tempfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
-from weightbridge import __version__, api
+from weightbridge import __version__
 from weightbridge.errors import WeightbridgeError
-from weightbridge.plan import Plan
-from weightbridge.planning.planner import Rename
-from weightbridge.spec import CheckpointSpec
+
+if TYPE_CHECKING:
+    from weightbridge.plan import Plan
+    from weightbridge.planning.planner import Rename
+    from weightbridge.spec import CheckpointSpec
+
+# The formats `--format` writes, as `--help` lists them (`weightbridge.io.FORMATS` has them and
+# their aliases; typed here so that `--help` imports no format module; a test checks both agree).
+OUTPUT_FORMATS = ("safetensors", "npz", "h5", "torch", "msgpack", "gguf", "zarr", "orbax")
+
+_PATH_HELP = (
+    "a checkpoint file, an *.index.json or its folder, a Hugging Face model folder (the weights "
+    "beside config.json are found: model.safetensors[.index.json] first), a zarr/orbax, "
+    "TensorFlow or DCP directory, or a URL (s3://, gs://)"
+)
+DTYPE_HELP = (
+    "cast floating-point tensors to this dtype, e.g. bf16. With --like it overrides the "
+    "target's float dtypes (F16/BF16/F32/F64/F8); integer and bool tensors keep theirs"
+)
 
 
-def _human(n: int) -> str:
-    size = float(n)
-    for unit in ("B", "KB", "MB", "GB"):
-        if size < 1000:
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1000
-    return f"{size:.1f} TB"
+def _say_which_weights(*paths: str | None) -> None:
+    """Name the weight file read from each Hugging Face folder among `paths`, on stderr."""
+    from weightbridge import api
+
+    for note in api.weights_notes(*paths):
+        print(f"weightbridge: {note}", file=sys.stderr)
 
 
 def _table(spec: CheckpointSpec, shard_of: dict[str, str] | None = None) -> str:
+    from weightbridge.planning.shards import human_size
+
     rows = [("name", "shape", "dtype", "size") + (("shard",) if shard_of else ())]
     for t in spec:
-        row = (t.name, "x".join(map(str, t.shape)) or "scalar", t.dtype, _human(t.nbytes))
+        row = (t.name, "x".join(map(str, t.shape)) or "scalar", t.dtype, human_size(t.nbytes))
         rows.append(row + ((shard_of.get(t.name, ""),) if shard_of else ()))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
-    lines.append(f"{len(spec)} tensors, {_human(spec.nbytes)}")
+    lines.append(f"{len(spec)} tensors, {human_size(spec.nbytes)}")
     return "\n".join(lines)
 
 
 def _shard_map(path: str) -> dict[str, str] | None:
+    from weightbridge.io import weights_path
     from weightbridge.io.sharded import find_index, read_index
 
     try:
-        index = find_index(path)
+        index = find_index(weights_path(path))
         return read_index(index)[0] if index is not None else None
     except WeightbridgeError:
         return None
 
 
 def _load_rules(args: argparse.Namespace) -> list[Rename]:
+    from weightbridge.planning.planner import Rename
+
     rules = [Rename.parse(r) for r in args.rename or []]
     if args.rules:
         from weightbridge.planning.rulesfile import load_renames
@@ -56,6 +83,10 @@ def _load_rules(args: argparse.Namespace) -> list[Rename]:
 
 
 def _make_plan(args: argparse.Namespace) -> Plan:
+    from weightbridge import api
+    from weightbridge.plan import Plan
+
+    _say_which_weights(args.source, args.like)
     if args.plan:
         return Plan.load(args.plan)
     transforms = None
@@ -89,6 +120,9 @@ def _hint(text: str) -> tuple[str, str]:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
+    from weightbridge import api
+
+    _say_which_weights(args.path)
     spec = api.inspect(args.path)
     if args.json:
         print(json.dumps(spec.to_json(), indent=1))
@@ -98,6 +132,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_spec(args: argparse.Namespace) -> int:
+    from weightbridge import api
+
+    _say_which_weights(args.path)
     spec = api.spec_of(args.path)
     if args.output:
         api.save_spec(spec, args.output)
@@ -121,13 +158,30 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
+    from weightbridge import api
+
+    endpoint_note = _endpoint_note(args)
+    if endpoint_note:
+        print(endpoint_note, file=sys.stderr)
+    scale = {
+        "executor": args.executor,
+        "retries": args.retries,
+        "partition": _partition(args.partition),
+    }
+    if len(args.source) > 1:
+        return _convert_batch(args, scale)
+    args.source = args.source[0]
     plan = _make_plan(args)
     if args.save_plan:
         plan.save(args.save_plan)
+    # A plan made here was made for --like; it is checked against it again only when it came
+    # from a file (--plan), or read when it keeps some of the target's own values (--partial).
+    # (Checking a --dtype plan again would compare it with the spec's own float dtypes.)
+    needs_target = args.plan is not None or api.keeps_target_values(plan)
     report = api.convert(
         args.source,
         args.output,
-        target=args.like,
+        target=args.like if needs_target else None,
         plan=plan,
         format=args.format,
         max_shard_size=args.max_shard_size,
@@ -135,6 +189,10 @@ def cmd_convert(args: argparse.Namespace) -> int:
         progress=(not args.quiet and sys.stderr.isatty()) or args.progress,
         dest_options=_dest_options(args),
         keep_cache=args.keep_cache,
+        **scale,
+        # Unused by convert while a plan is given; meant for its check of the plan against
+        # --like, which should see the target's float dtypes as --dtype makes them.
+        dtype=args.dtype,
     )
     print(report.summary())
     layout = [n for n in plan.notes if n.kind == "layout"]
@@ -143,6 +201,72 @@ def cmd_convert(args: argparse.Namespace) -> int:
     if len(plan.notes) > len(layout) or plan.unused:
         print(plan.summary())
     return 0
+
+
+def _convert_batch(args: argparse.Namespace, scale: dict[str, Any]) -> int:
+    """`convert` with several sources: one output per source under -o, one plan per specs."""
+    from weightbridge import api
+
+    _say_which_weights(*args.source, args.like)
+    transforms = None
+    if args.rules and not args.plan:
+        from weightbridge.planning.rulesfile import load_transforms
+
+        transforms = load_transforms(args.rules)
+    planning: dict[str, Any] = {}
+    if not args.plan:
+        planning = {
+            "renames": _load_rules(args),
+            "rules": transforms,
+            "partial": args.partial,
+            "slice_mismatched": args.slice_mismatched,
+            "from_framework": args.from_framework,
+            "to_framework": args.to_framework,
+            "dtype": args.dtype,
+            "hints": [_hint(h) for h in args.hint or []],
+        }
+    report = api.convert(
+        args.source,
+        args.output,
+        target=args.like,
+        plan=args.plan,
+        format=args.format,
+        max_shard_size=args.max_shard_size,
+        overwrite=args.overwrite,
+        progress=(not args.quiet and sys.stderr.isatty()) or args.progress,
+        dest_options=_dest_options(args),
+        keep_cache=args.keep_cache,
+        **scale,
+        **planning,
+    )
+    print(report.summary())
+    return 0
+
+
+def _partition(text: str | None) -> tuple[int, int] | None:
+    """``--partition I/N`` as ``(I, N)`` (the library checks the range)."""
+    if text is None:
+        return None
+    i, sep, n = text.partition("/")
+    if not sep or not i.strip().isdigit() or not n.strip().isdigit():
+        from weightbridge.errors import SpecError
+
+        raise SpecError(f"--partition {text!r}: expected I/N with whole numbers, e.g. 1/4")
+    return int(i), int(n)
+
+
+def _endpoint_note(args: argparse.Namespace, env: Mapping[str, str] = os.environ) -> str | None:
+    """For an s3:// output with no endpoint given: say that AWS is asked, and how to choose
+    another server, before the first request (which waits for its deadline on a wrong one)."""
+    from weightbridge.io._kvstore import ENDPOINT_ENV
+
+    dest = str(getattr(args, "output", None) or getattr(args, "dest", ""))
+    if not dest.startswith("s3://") or args.endpoint or env.get(ENDPOINT_ENV):
+        return None
+    return (
+        f"weightbridge: {dest}: no --endpoint (or ${ENDPOINT_ENV}): asking AWS S3; for MinIO or "
+        "another S3-compatible server pass --endpoint URL"
+    )
 
 
 def _dest_options(args: argparse.Namespace) -> dict[str, object]:
@@ -155,8 +279,19 @@ def _dest_options(args: argparse.Namespace) -> dict[str, object]:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
+    from weightbridge import api
+
+    _say_which_weights(args.source, args.like)
+    endpoint_note = _endpoint_note(args)
+    if endpoint_note:
+        print(endpoint_note, file=sys.stderr)
     n = api.verify(
-        args.source, args.dest, args.plan, format=args.format, dest_options=_dest_options(args)
+        args.source,
+        args.dest,
+        args.plan,
+        target=args.like,
+        format=args.format,
+        dest_options=_dest_options(args),
     )
     print(f"verified {n} tensors in {args.dest}: every one equals the source through the plan")
     return 0
@@ -165,13 +300,22 @@ def cmd_verify(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from weightbridge.demo import run_demo
 
-    workdir = args.dir or tempfile.mkdtemp(prefix="weightbridge-demo-")
-    run_demo(workdir, out=sys.stdout)
+    if args.dir:
+        run_demo(args.dir, out=sys.stdout)
+        return 0
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="weightbridge-demo-") as workdir:
+        run_demo(workdir, out=sys.stdout)
     return 0
 
 
 def _remote_options(s: argparse.ArgumentParser) -> None:
-    s.add_argument("--endpoint", help="S3-compatible endpoint URL for s3:// destinations")
+    s.add_argument(
+        "--endpoint",
+        help="S3-compatible endpoint URL for s3:// destinations (default: "
+        "$WEIGHTBRIDGE_S3_ENDPOINT, else AWS)",
+    )
     s.add_argument("--aws-region", help="region for s3:// destinations")
     s.add_argument(
         "--step",
@@ -190,19 +334,29 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("inspect", help="list a checkpoint's tensors (headers only)")
-    s.add_argument("path")
+    s.add_argument("path", help=_PATH_HELP)
     s.add_argument("--json", action="store_true", help="print the spec JSON instead of a table")
     s.set_defaults(func=cmd_inspect)
 
     s = sub.add_parser("spec", help="write the target spec (names, shapes, dtypes) of a checkpoint")
-    s.add_argument("path")
+    s.add_argument("path", help=_PATH_HELP)
     s.add_argument("-o", "--output", help="spec file to write (default: print it)")
     s.set_defaults(func=cmd_spec)
 
-    def planning(s: argparse.ArgumentParser) -> None:
-        s.add_argument("source", help="checkpoint to read (theirs)")
+    def planning(s: argparse.ArgumentParser, many: bool = False) -> None:
+        if many:
+            s.add_argument(
+                "source",
+                nargs="+",
+                help="checkpoint(s) to read (theirs): " + _PATH_HELP + "; with several (a "
+                "batch), -o is a directory with one output per source, named after its base name",
+            )
+        else:
+            s.add_argument("source", help="checkpoint to read (theirs): " + _PATH_HELP)
         s.add_argument(
-            "--like", help="target: a spec JSON file or a checkpoint whose layout to produce"
+            "--like",
+            help="target: a spec JSON file or a checkpoint (file or folder, as for the source) "
+            "whose names, shapes and dtypes to produce",
         )
         s.add_argument(
             "--from",
@@ -229,7 +383,7 @@ def build_parser() -> argparse.ArgumentParser:
             help="pair tensors the matcher finds ambiguous by unique substrings (repeatable)",
         )
         s.add_argument("--plan", help="use this saved plan instead of planning")
-        s.add_argument("--dtype", help="cast floating-point tensors, e.g. bf16")
+        s.add_argument("--dtype", help=DTYPE_HELP)
         s.add_argument(
             "--partial",
             action="store_true",
@@ -249,8 +403,21 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("-o", "--output", help="save the plan JSON here")
     s.set_defaults(func=cmd_plan)
 
-    s = sub.add_parser("convert", help="stream a checkpoint into a new layout")
-    planning(s)
+    s = sub.add_parser("convert", help="stream a checkpoint (or a batch) into a new layout")
+    planning(s, many=True)
+    s.add_argument(
+        "--executor",
+        default="threads",
+        help="where output shards are made: threads (default, this process), processes[:N], "
+        "dask://HOST:PORT, or dask ($DASK_SCHEDULER_ADDRESS; pip install 'weightbridge[dask]')",
+    )
+    s.add_argument("--retries", type=int, help="retries per shard task (dask)")
+    s.add_argument(
+        "--partition",
+        metavar="I/N",
+        help="convert only the I-th of N byte-balanced shares of the shards (N runs may write "
+        "into one output at once, e.g. a SLURM array); a plain run afterwards writes the indexes",
+    )
     s.add_argument(
         "-o",
         "--output",
@@ -260,7 +427,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--format",
         default="safetensors",
-        help="safetensors (default), npz, h5, torch, msgpack, gguf, zarr, orbax",
+        help=f"output format: {', '.join(OUTPUT_FORMATS)} (default: safetensors)",
     )
     _remote_options(s)
     s.add_argument(
@@ -282,30 +449,60 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_convert)
 
     s = sub.add_parser("verify", help="recompute every output tensor from the source and compare")
-    s.add_argument("source")
-    s.add_argument("dest")
+    s.add_argument("source", help="the checkpoint convert read: " + _PATH_HELP)
+    s.add_argument("dest", help="the output of convert: a directory or an object-store URL")
     s.add_argument("--plan", help="plan file (default: the one convert saved in DEST)")
-    s.add_argument("--format", help="the output format convert wrote (needed for zarr/orbax)")
+    s.add_argument(
+        "--like",
+        help="the target checkpoint convert was given; needed when the plan keeps some of its "
+        "own values (--partial)",
+    )
+    s.add_argument(
+        "--format",
+        help="the output format convert wrote (default: detected from DEST's files)",
+    )
     _remote_options(s)
     s.set_defaults(func=cmd_verify)
 
     s = sub.add_parser("demo", help="build a small checkpoint, convert it, verify it")
-    s.add_argument("--dir", help="work directory (default: a new temporary one)")
+    s.add_argument(
+        "--dir", help="work directory, kept (default: a temporary one, removed at the end)"
+    )
     s.set_defaults(func=cmd_demo)
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """Run the command line; returns the exit code (2: an error, 130: interrupted)."""
     try:
+        args = build_parser().parse_args(argv)
         code: int = args.func(args)
+        sys.stdout.flush()  # a closed pipe shows here, not at exit
         return code
     except WeightbridgeError as e:
         print(f"weightbridge: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("weightbridge: interrupted; rerun the same command to resume", file=sys.stderr)
+        resume = "; rerun the same command to resume" if _is_convert(argv) else ""
+        print(f"weightbridge: interrupted{resume}", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # The reader went away (`inspect --json | head`): end quietly with the status a Unix
+        # tool killed by SIGPIPE has. Python would flush stdout again at exit and complain.
+        _quiet_stdout()
+        return 128 + signal.SIGPIPE
+
+
+def _is_convert(argv: Sequence[str] | None) -> bool:
+    return "convert" in (sys.argv[1:] if argv is None else argv)
+
+
+def _quiet_stdout() -> None:
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
 
 
 if __name__ == "__main__":

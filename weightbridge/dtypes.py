@@ -7,9 +7,9 @@ boundaries; bf16 and fp8 come from ``ml_dtypes``.
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
-import ml_dtypes
 import numpy as np
 
 from weightbridge.errors import DtypeError
@@ -26,12 +26,17 @@ _NUMPY: dict[str, np.dtype[Any]] = {
     "U64": np.dtype(np.uint64),
     "I64": np.dtype(np.int64),
     "F16": np.dtype(np.float16),
-    "BF16": np.dtype(ml_dtypes.bfloat16),
     "F32": np.dtype(np.float32),
     "F64": np.dtype(np.float64),
-    "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn),
-    "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2),
     "C64": np.dtype(np.complex64),
+}
+
+# The dtypes numpy lacks, from ml_dtypes: code -> (ml_dtypes name, itemsize). Imported on first
+# use only: `import ml_dtypes` costs most of a second, and listing a checkpoint needs no arrays.
+_ML: dict[str, tuple[str, int]] = {
+    "BF16": ("bfloat16", 2),
+    "F8_E4M3": ("float8_e4m3fn", 1),
+    "F8_E5M2": ("float8_e5m2", 1),
 }
 
 _ALIASES: dict[str, str] = {
@@ -66,7 +71,10 @@ _ALIASES: dict[str, str] = {
     "complex64": "C64",
 }
 
-CODES: tuple[str, ...] = tuple(_NUMPY)
+CODES: tuple[str, ...] = (
+    *("BOOL", "U8", "I8", "U16", "I16", "U32", "I32", "U64", "I64", "F16", "BF16", "F32"),
+    *("F64", "F8_E4M3", "F8_E5M2", "C64"),
+)
 
 
 def canonical(name: str) -> str:
@@ -78,13 +86,13 @@ def canonical(name: str) -> str:
     if not isinstance(name, str):
         raise DtypeError(f"dtype must be a string such as 'F32' or 'bfloat16', found {name!r}")
     key = name.strip()
-    if key in _NUMPY:
+    if key in _NUMPY or key in _ML:
         return key
     low = key.lower()
     for prefix in ("torch.", "jnp.", "np.", "numpy.", "tf."):
         if low.startswith(prefix):
             low = low[len(prefix) :]
-    if low.upper() in _NUMPY:
+    if low.upper() in _NUMPY or low.upper() in _ML:
         return low.upper()
     if low in _ALIASES:
         return _ALIASES[low]
@@ -100,7 +108,13 @@ def to_numpy(code: str) -> np.dtype[Any]:
     >>> to_numpy("BF16").name
     'bfloat16'
     """
-    return _NUMPY[canonical(code)]
+    code = canonical(code)
+    if code in _ML:
+        import ml_dtypes
+
+        dt: np.dtype[Any] = np.dtype(getattr(ml_dtypes, _ML[code][0]))
+        return dt
+    return _NUMPY[code]
 
 
 def from_numpy(dtype: Any) -> str:
@@ -115,6 +129,10 @@ def from_numpy(dtype: Any) -> str:
     for code, candidate in _NUMPY.items():
         if candidate == dt:
             return code
+    if "ml_dtypes" in sys.modules:  # without it no array can have one of its dtypes
+        for code in _ML:
+            if to_numpy(code) == dt:
+                return code
     raise DtypeError(f"numpy dtype {dt} has no weightbridge code; supported: {', '.join(CODES)}")
 
 
@@ -124,4 +142,5 @@ def itemsize(code: str) -> int:
     >>> itemsize("BF16")
     2
     """
-    return int(to_numpy(code).itemsize)
+    code = canonical(code)
+    return _ML[code][1] if code in _ML else int(_NUMPY[code].itemsize)

@@ -10,6 +10,7 @@ Detection looks at magic bytes and directory structure first; the file suffix on
 from __future__ import annotations
 
 import importlib
+import logging
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -39,6 +40,7 @@ __all__ = [
     "detect_format",
     "open_reader",
     "register_format",
+    "weights_path",
     "write_checkpoint",
     "writer_class",
 ]
@@ -104,6 +106,8 @@ if TYPE_CHECKING:  # mypy proves each built-in format module meets the contract 
 
 # Members every format module has (`FormatModule`); checked when a module is first loaded.
 _REQUIRED = ("NAME", "SUFFIXES", "detect", "open_reader")
+
+_log = logging.getLogger(__name__)
 
 # How many bytes of a file detection looks at.
 _HEAD_BYTES = 64
@@ -194,7 +198,7 @@ def detect_format(path: str | os.PathLike[str]) -> str:
         return "tensorstore"
     if not os.path.exists(path) and not os.path.exists(path + ".index"):  # a bare TF prefix
         raise UnknownFormatError(f"{path}: no such file or directory")
-    path = _single_file_in(path)
+    path = weights_path(path)
     head = b""
     if os.path.isfile(path):
         with open(path, "rb") as f:
@@ -218,6 +222,8 @@ def detect_format(path: str | os.PathLike[str]) -> str:
     if len(matches) > 1:
         by_suffix = [m for m in matches if path.endswith(tuple(_module(m).SUFFIXES))]
         matches = by_suffix or matches
+    if not matches and os.path.isdir(path):
+        raise UnknownFormatError(_unknown_directory(path, unavailable))
     if not matches:
         missing = {u.split(" ")[0] for u in unavailable}
         known = ", ".join(n for n in FORMATS if n not in missing)
@@ -229,26 +235,59 @@ def detect_format(path: str | os.PathLike[str]) -> str:
     return matches[0]
 
 
-def _single_file_in(path: str) -> str:
-    """A directory holding one checkpoint file and no index stands for that file."""
-    if not os.path.isdir(path) or any(e.endswith(".index.json") for e in os.listdir(path)):
+def weights_path(path: str) -> str:
+    """The file a directory stands for, or `path` itself.
+
+    A Hugging Face folder stands for its preferred weight file (`hf_folder.choose_weights`;
+    the choice is logged when the folder holds anything else), and a directory holding one
+    checkpoint file and no index for that file; anything else (an index directory, zarr,
+    orbax, TensorFlow, DCP) is left to detection.
+    """
+    if is_remote_url(path) or not os.path.isdir(path):
         return path
-    files = [
+    from weightbridge.io.hf_folder import choose_weights
+
+    choice = choose_weights(path)
+    if choice is not None:
+        if choice.others or choice.extra:
+            _log.info("%s", choice.describe())
+        return choice.path
+    if any(e.endswith(".index.json") for e in os.listdir(path)):
+        return path
+    files = _visible_files(path)
+    return os.path.join(path, files[0]) if len(files) == 1 else path
+
+
+def _visible_files(path: str) -> list[str]:
+    return [
         e
         for e in sorted(os.listdir(path))
         if not e.startswith(".") and os.path.isfile(os.path.join(path, e))
     ]
-    return os.path.join(path, files[0]) if len(files) == 1 else path
+
+
+def _unknown_directory(path: str, unavailable: list[str]) -> str:
+    """The refusal for a directory nothing recognises: what was looked for, what was found."""
+    from weightbridge.io.hf_folder import WEIGHT_FILES
+
+    files = _visible_files(path)
+    found = ", ".join(files[:8]) + (f", ... ({len(files)} files)" if len(files) > 8 else "")
+    extra = f"; unavailable here: {', '.join(unavailable)}" if unavailable else ""
+    return (
+        f"{path}: a directory with no checkpoint weightbridge recognises: looked for Hugging Face "
+        f"weights ({', '.join(WEIGHT_FILES)}), an *.index.json, a single checkpoint file, and "
+        f"zarr/orbax, TensorFlow and DCP layouts; found {found or 'no files'}. Point at the "
+        f"weights file itself{extra}"
+    )
 
 
 def open_reader(path: str | os.PathLike[str], format: str | None = None) -> Reader:
     """Open a checkpoint for reading; detects the format unless `format` is given.
 
-    `path` may be a file, a directory with an index, or a directory holding one checkpoint file.
+    `path` may be a file, a directory with an index, a Hugging Face model folder (see
+    `weights_path`), or a directory holding one checkpoint file.
     """
-    path = os.fspath(path)
-    if not is_remote_url(path):
-        path = _single_file_in(path)
+    path = weights_path(os.fspath(path))
     name = format or detect_format(path)
     return _module(name).open_reader(path)
 

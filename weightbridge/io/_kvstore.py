@@ -25,7 +25,7 @@ from weightbridge.spec import parse_json
 # errors itself (and retries a missing S3 bucket forever), so a deadline is what turns a
 # misconfigured endpoint into an error instead of a hang. Large shards upload in one PUT.
 TIMEOUT_SECONDS = 600.0
-# Read when no endpoint= option is given (the CLI and api.convert cannot pass options yet).
+# Read when no endpoint is given (--endpoint on the command line, endpoint= in Python).
 ENDPOINT_ENV = "WEIGHTBRIDGE_S3_ENDPOINT"
 
 # Splits a URL into scheme and the rest (`weightbridge.io._files.is_url` says whether it is one).
@@ -204,7 +204,8 @@ class Store:
             raise self.error(
                 f"{self.url}: no answer within {limit:.0f} s while {what}; check that the "
                 "bucket exists (tensorstore retries a missing bucket until the deadline), the "
-                f"endpoint (endpoint= option or ${ENDPOINT_ENV}) and the credentials"
+                f"endpoint (--endpoint on the command line, endpoint= in Python, or "
+                f"${ENDPOINT_ENV}) and the credentials"
             ) from e
         except (ValueError, OSError) as e:
             raise self.error(f"{self.url}: {what} failed: {e}") from e

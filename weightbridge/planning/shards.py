@@ -96,3 +96,17 @@ def index_name(suffix: str) -> str:
     'model.safetensors.index.json'
     """
     return f"model{suffix}.index.json"
+
+
+def human_size(n: float) -> str:
+    """A byte count in decimal units, as `--max-shard-size` takes them.
+
+    >>> human_size(512), human_size(3_500), human_size(2_000_000), human_size(5e12)
+    ('512 B', '3.5 KB', '2.0 MB', '5.0 TB')
+    """
+    size = float(n)
+    for unit in ("B", "KB", "MB", "GB"):
+        if size < 1000:
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1000
+    return f"{size:.1f} TB"

@@ -3,43 +3,56 @@
 Phase two of two. Nothing here decides anything about tensors: the plan says what each target
 tensor is made of, `weightbridge.planning.shards.assign_shards` fixes which file it goes to,
 and each shard is one independent unit of work, produced by
-`weightbridge.streaming.pipeline.fill_shard` from the plan and the shard alone:
+`weightbridge.streaming.pipeline.fill_shard` from the plan and the shard alone.
 
-* sources are memory-mapped, and a `Readahead` thread pulls them into the page cache in file
-  order, ahead of the transforms, with large sequential reads;
-* a shard is written under a temporary name; its commit (fsync, rename, then the journal's
-  record of its size and checksum) runs on its own thread while the next shard is produced;
-  the index is written last, so a directory that has an index (or a single final file) is
-  complete.
+Where shards are produced is the `executor`'s business:
 
-This module alone decides when a conversion is complete: after the last shard and the index
-it calls `Destination.finalize` once, then records the conversion complete in the journal.
-Rerunning after a crash skips recorded shards after re-checking them and produces
-byte-identical output, because every byte of a shard is a function of the plan alone.
+* by default (threads), in this process: sources are memory-mapped, a `Readahead` thread pulls
+  them into the page cache in file order, and a shard's commit (fsync, rename, then the
+  journal's record of its size and checksum) runs on its own thread while the next shard is
+  produced;
+* with any other executor (processes, a `concurrent.futures.Executor`, a Dask cluster; see
+  `weightbridge.streaming.executors`) every remaining shard is a `ShardTask`
+  (`weightbridge.streaming.tasks`) that opens the source and the destination itself, commits
+  its shard and writes the shard's own record; the journal here is written once, at the end;
+* with ``partition=(I, N)`` only a byte-balanced share of the shards is produced (in either
+  way), each recorded by its own record, so N parts can write into one destination at once.
+
+The index is written last, so a directory that has an index (or a single final file) is
+complete. This module alone decides when a conversion is complete (`finish_job`): after the
+last shard and the index it calls `Destination.finalize` once, then records the conversion
+complete in the journal. Rerunning after a crash skips shards recorded in the journal or by
+their own record after re-checking them, and produces byte-identical output, because every
+byte of a shard is a function of the plan alone.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import time
+from collections.abc import Callable, Collection, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
 from weightbridge import io as wio
-from weightbridge.errors import ConversionError, VerifyError, WeightbridgeError
-from weightbridge.io.base import Reader
+from weightbridge.errors import ConversionError, PlanError, VerifyError, WeightbridgeError
+from weightbridge.io._files import is_url
+from weightbridge.io.base import Reader, UnionReader
 from weightbridge.plan import Plan
 from weightbridge.planning.shards import (
     DEFAULT_MAX_SHARD_SIZE,
     Shard,
     assign_shards,
+    human_size,
     index_name,
     parse_size,
 )
 from weightbridge.streaming.dest import Completed, Destination, destination_for
+from weightbridge.streaming.executors import TaskRunner, is_in_process, runner_for
 from weightbridge.streaming.journal import Journal
 from weightbridge.streaming.pipeline import (
     TRANSFORM_WORKERS,
@@ -49,6 +62,15 @@ from weightbridge.streaming.pipeline import (
     source_ranges,
 )
 from weightbridge.streaming.readahead import Readahead
+from weightbridge.streaming.tasks import (
+    ShardRecord,
+    ShardTask,
+    produce_shard,
+    read_record,
+    record_name,
+    write_record,
+)
+from weightbridge.streaming.tasks import partition as partition_of
 from weightbridge.streaming.transform import compute
 
 __all__ = [
@@ -79,11 +101,16 @@ class ConversionReport:
     seconds: float = 0.0
 
     def summary(self) -> str:
-        rate = self.bytes_written / self.seconds / 1e6 if self.seconds else 0.0
+        """One line for people, sizes in the decimal unit that fits (as the progress bar).
+
+        >>> ConversionReport("out", ["a"], ["a"], [], 3_100, 0.02).summary()
+        'wrote 1 shard(s), 3.1 KB in 0.02 s (155.0 KB/s) to out'
+        """
+        rate = f" ({human_size(self.bytes_written / self.seconds)}/s)" if self.seconds else ""
         resumed = f", {len(self.skipped)} already complete (resumed)" if self.skipped else ""
         return (
-            f"wrote {len(self.written)} shard(s), {self.bytes_written / 1e6:.1f} MB in "
-            f"{self.seconds:.2f} s ({rate:.0f} MB/s) to {self.dest}{resumed}"
+            f"wrote {len(self.written)} shard(s), {human_size(self.bytes_written)} in "
+            f"{self.seconds:.2f} s{rate} to {self.dest}{resumed}"
         )
 
 
@@ -104,6 +131,29 @@ def _job_id(plan: Plan, shards: list[Shard], format: str, metadata: dict[str, st
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+@dataclass
+class _Job:
+    """One conversion, prepared: its destination locked and checked, its shards laid out."""
+
+    plan: Plan
+    reader: Reader
+    target: Destination
+    format: str
+    metadata: dict[str, str] | None
+    limit: int
+    shards: list[Shard]
+    outputs: list[str]
+    job: str
+    journal: Journal
+    report: ConversionReport
+    todo: list[Shard]
+    # None: a whole conversion; (I, N): `--partition I/N`, which writes per-shard records only.
+    partition: tuple[int, int] | None
+    # What the caller named as the destination, for tasks that open it in other processes.
+    dest: str | os.PathLike[str] | Destination
+    dest_options: dict[str, Any]
+
+
 def convert(
     plan: Plan,
     source: Source,
@@ -116,6 +166,9 @@ def convert(
     progress: bool = False,
     dest_options: dict[str, Any] | None = None,
     keep_cache: bool = False,
+    executor: object = None,
+    retries: int | None = None,
+    partition: tuple[int, int] | None = None,
 ) -> ConversionReport:
     """Stream `source` through `plan` into `dest`, resuming an earlier run.
 
@@ -132,40 +185,162 @@ def convert(
         keep_cache: leave the source in the page cache. By default each source tensor is
             dropped from it after its last use (see `readahead`), which is faster and spares
             the cache, unless other processes read the same source at the same time.
+        executor: where shards are produced: None or ``"threads"`` (this process's pipeline),
+            ``"processes[:N]"``, ``"dask://HOST:PORT"``, ``"dask"``, a
+            `concurrent.futures.Executor` or a `dask.distributed.Client` (see `executors`).
+            Every shard is then a task that opens the source and the destination itself.
+        retries: per-task retries on Dask.
+        partition: ``(I, N)``: produce only part I of N (a deterministic, byte-balanced share
+            of the shards); N parts may run at once into one `dest`. Writes no index and does
+            not finalize: a plain run afterwards finds every shard committed and does that.
 
     Raises:
         PlanError: the plan does not fit the source.
         ConversionError: the destination holds another conversion, lacks space, or a write failed.
     """
     started = time.perf_counter()
-    target = destination_for(dest, format=format, **(dest_options or {}))
     reader, owned = _open_source(source)
-    stack = contextlib.ExitStack()
     try:
-        plan.validate(reader.specs())
-        suffix = wio.writer_class(format).suffix
-        shards = assign_shards(
-            plan, suffix=suffix, max_shard_size=_shard_limit(target, format, max_shard_size)
-        )
-        outputs = [s.name for s in shards] + ([index_name(suffix)] if len(shards) > 1 else [])
-        job = _job_id(plan, shards, format, metadata)
-        target.prepare()
-        stack.enter_context(target.lock())
+        with contextlib.ExitStack() as stack:
+            job = open_job(
+                plan,
+                reader,
+                dest,
+                stack,
+                format=format,
+                max_shard_size=max_shard_size,
+                metadata=metadata,
+                overwrite=overwrite,
+                dest_options=dest_options,
+                partition=partition,
+            )
+            skipped = set(job.report.skipped)
+            done = sum(s.nbytes for s in job.shards if s.name in skipped)
+            total = plan.target.nbytes if partition is None else done + job_bytes(job)
+            bar = _progress_bar(total, done, progress)
+            try:
+                if is_in_process(executor):
+                    _produce_here(job, bar.update if bar else None, keep_cache)
+                else:
+                    runner = runner_for(executor, retries=retries)
+                    try:
+                        run_tasks(runner, [job], on_bytes=bar.update if bar else None)
+                    finally:
+                        runner.close()
+            finally:
+                if bar:
+                    bar.close()
+            if partition is None:
+                finish_job(job)
+            job.report.seconds = time.perf_counter() - started
+            return job.report
+    finally:
+        if owned:
+            reader.close()
+
+
+def job_bytes(job: _Job) -> int:
+    """Bytes this run of `job` still has to write."""
+    return sum(s.nbytes for s in job.todo)
+
+
+def open_job(
+    plan: Plan,
+    reader: Reader,
+    dest: str | os.PathLike[str] | Destination,
+    stack: contextlib.ExitStack,
+    *,
+    format: str,
+    max_shard_size: int | str,
+    metadata: dict[str, str] | None,
+    overwrite: bool,
+    dest_options: dict[str, Any] | None,
+    partition: tuple[int, int] | None,
+    select: Collection[str] | None = None,
+) -> _Job:
+    """Validate, lay out the shards, lock and prepare the destination, find what is done.
+
+    The lock is held until `stack` closes. With a partition the lock is shared with the other
+    parts (and exclusive per part), and only this part's temporaries are cleaned up; the part's
+    shards are `select` when given (a batch partitions all its shards at once), else this
+    conversion's own share (`weightbridge.streaming.tasks.partition`).
+    """
+    target = destination_for(dest, format=format, **(dest_options or {}))
+    plan.validate(reader.specs())
+    suffix = wio.writer_class(format).suffix
+    limit = _shard_limit(target, format, max_shard_size)
+    shards = assign_shards(plan, suffix=suffix, max_shard_size=limit)
+    outputs = [s.name for s in shards] + ([index_name(suffix)] if len(shards) > 1 else [])
+    job = _job_id(plan, shards, format, metadata)
+    if partition is None:
+        mine = shards
+    elif select is not None:
+        mine = [s for s in shards if s.name in select]
+    else:
+        mine = partition_of(shards, *partition)
+    target.prepare()
+    stack.enter_context(target.lock(None if partition is None else _part_name(partition)))
+    journal = _prepare_destination(
+        target,
+        job,
+        outputs,
+        _source_state(reader),
+        overwrite=overwrite,
+        only=None if partition is None else [s.name for s in mine],
+    )
+    report = ConversionReport(target.url, [s.name for s in shards])
+    done = _committed_shards(journal, mine, job)
+    todo = [s for s in mine if s.name not in done]
+    report.skipped = [s.name for s in mine if s.name in done]
+    _check_space(target, sum(s.nbytes for s in todo))
+    return _Job(
+        plan,
+        reader,
+        target,
+        format,
+        metadata,
+        limit,
+        shards,
+        outputs,
+        job,
+        journal,
+        report,
+        todo,
+        partition,
+        dest,
+        dict(dest_options or {}),
+    )
+
+
+def layout(
+    plan: Plan,
+    dest: str | os.PathLike[str] | Destination,
+    *,
+    format: str,
+    max_shard_size: int | str,
+    dest_options: dict[str, Any] | None = None,
+) -> list[Shard]:
+    """The shards a conversion of `plan` into `dest` writes (what `open_job` lays out)."""
+    target = destination_for(dest, format=format, **(dest_options or {}))
+    suffix = wio.writer_class(format).suffix
+    limit = _shard_limit(target, format, max_shard_size)
+    return assign_shards(plan, suffix=suffix, max_shard_size=limit)
+
+
+def _part_name(partition: tuple[int, int]) -> str:
+    return f"partition-{partition[0]}-of-{partition[1]}"
+
+
+def _produce_here(job: _Job, on_bytes: Callable[[int], object] | None, keep_cache: bool) -> None:
+    """Produce the job's shards in this process: transforms on a thread pool, reads ahead in
+    file order, commits on their own thread while the next shard is filled."""
+    reader, target, journal, report = job.reader, job.target, job.journal, job.report
+    with contextlib.ExitStack() as stack:
         pool = stack.enter_context(
             ThreadPoolExecutor(TRANSFORM_WORKERS, thread_name_prefix="weightbridge-transform")
         )
-        journal = _prepare_destination(
-            target, job, outputs, _source_state(reader), overwrite=overwrite
-        )
-        report = ConversionReport(target.url, [s.name for s in shards])
-        done = _committed_shards(journal, shards)
-        todo = [s for s in shards if s.name not in done]
-        _check_space(target, sum(s.nbytes for s in todo))
-        bar = _progress_bar(
-            plan.target.nbytes, sum(s.nbytes for s in shards if s.name in done), progress
-        )
         ahead = stack.enter_context(
-            Readahead(source_ranges(reader, todo), drop_behind=not keep_cache)
+            Readahead(source_ranges(reader, job.todo), drop_behind=not keep_cache)
         )
         # Shards commit (fsync, rename, journal) on their own thread while the next one is
         # produced: an fsync waits for the disk, and the transforms need not wait with it.
@@ -178,22 +353,23 @@ def convert(
             """Record finished commits in file order, waiting until at most `keep` remain."""
             while len(pending) > keep:
                 shard, future, digest = pending.pop(0)
-                journal.record(shard.name, future.result(), digest)
+                size = future.result()
+                if job.partition is None:
+                    journal.record(shard.name, size, digest)
+                else:  # parts run at once: each shard gets its own record, no shared file
+                    write_record(target, job.job, ShardRecord(shard.name, size, digest))
                 report.written.append(shard.name)
                 report.bytes_written += shard.nbytes
 
         try:
-            for shard in shards:
-                if shard.name in done:
-                    report.skipped.append(shard.name)
-                    continue
+            for shard in job.todo:
                 sink, digest = fill_shard(
                     reader,
                     shard,
                     target,
-                    format=format,
-                    metadata=metadata,
-                    on_bytes=bar.update if bar else None,
+                    format=job.format,
+                    metadata=job.metadata,
+                    on_bytes=on_bytes,
                     pool=pool,
                     readahead=ahead,
                 )
@@ -208,26 +384,105 @@ def convert(
             with contextlib.suppress(BaseException):  # keep the work already done, if it commits
                 settle()
             raise
-        finally:
-            if bar:
-                bar.close()
-        if len(shards) > 1:
-            weight_map = {st.target.name: s.name for s in shards for st in s.steps}
-            target.write_json(
-                index_name(suffix),
-                {"metadata": {"total_size": plan.target.nbytes}, "weight_map": weight_map},
-            )
-        # Complete: decided here and only here. The destination finalizes (orbax/zarr: its
-        # top-level metadata) once, and only then does the journal say so.
-        target.finalize(Completed(tuple(outputs)))
-        journal.complete = True
-        journal.save()
-        report.seconds = time.perf_counter() - started
-        return report
-    finally:
-        stack.close()
-        if owned:
-            reader.close()
+
+
+def tasks_of(job: _Job) -> list[ShardTask]:
+    """One `ShardTask` per shard the job still has to write."""
+    if isinstance(job.reader, UnionReader) or not job.reader.path:
+        raise ConversionError(
+            f"{job.reader.path or 'the source'}: a conversion that keeps the target's own values "
+            "(or reads from an open reader with no path) runs with the threads executor only"
+        )
+    plan: str | Plan
+    try:
+        plan = json.dumps(job.plan.to_json())
+    except PlanError:  # a Python value_fn: the Plan itself travels (where it pickles)
+        plan = job.plan
+    dest = job.dest
+    where: str | Destination = os.fspath(dest) if isinstance(dest, (str, os.PathLike)) else dest
+    if job.target.url.startswith("memory://"):
+        raise ConversionError(
+            f"{job.target.url}: a memory:// store lives in one process, so other processes "
+            "cannot write into it; use the threads executor, or a directory or bucket"
+        )
+    if isinstance(where, str) and not is_url(where):
+        where = os.path.abspath(where)
+    index = {s.name: i for i, s in enumerate(job.shards)}
+    return [
+        ShardTask(
+            plan,
+            os.path.abspath(job.reader.path),
+            where,
+            job.format,
+            job.limit,
+            index[s.name],
+            s.name,
+            s.nbytes,
+            job.job,
+            job.metadata,
+            job.dest_options,
+        )
+        for s in job.todo
+    ]
+
+
+def run_tasks(
+    runner: TaskRunner,
+    jobs: Sequence[_Job],
+    *,
+    on_bytes: Callable[[int], object] | None = None,
+    on_job_done: Callable[[_Job], object] | None = None,
+) -> None:
+    """Run every job's remaining shards as tasks on `runner`, biggest first, across jobs.
+
+    Each task commits its shard and writes its record; here the coordinator only notes the
+    result (in memory: the journal is written once, by `finish_job`) and calls `on_job_done`
+    when a job's last shard is in.
+    """
+    work: list[tuple[_Job, ShardTask]] = []
+    for job in jobs:
+        work += [(job, t) for t in tasks_of(job)]
+    work.sort(key=lambda w: -w[1].nbytes)  # stable: equal sizes keep shard order
+    left = {id(job): len(job.todo) for job in jobs}
+    for job in jobs:
+        if not job.todo and on_job_done:
+            on_job_done(job)
+    for i, record in runner.run(produce_shard, [t for _, t in work]):
+        job, task = work[i]
+        job.journal.shards[record.name] = {"size": record.size, "checksum": record.checksum}
+        job.report.written.append(record.name)
+        job.report.bytes_written += task.nbytes
+        if on_bytes:
+            on_bytes(task.nbytes)
+        left[id(job)] -= 1
+        if left[id(job)] == 0:
+            # A worker killed mid-shard left its temporary behind (the retry wrote the shard
+            # under another): every shard is in now, so any temporary of one is an orphan.
+            job.target.remove_temporaries([s.name for s in job.todo])
+            order = {n: k for k, n in enumerate(job.report.shards)}
+            job.report.written.sort(key=order.__getitem__)
+            if on_job_done:
+                on_job_done(job)
+
+
+def finish_job(job: _Job) -> None:
+    """Every shard is committed: write the index, finalize once, record the job complete.
+
+    Decided here and only here. A job whose shards came from other processes (tasks,
+    partitions) has their records merged into the journal, written once.
+    """
+    target, suffix = job.target, wio.writer_class(job.format).suffix
+    if len(job.shards) > 1:
+        weight_map = {st.target.name: s.name for s in job.shards for st in s.steps}
+        target.write_json(
+            index_name(suffix),
+            {"metadata": {"total_size": job.plan.target.nbytes}, "weight_map": weight_map},
+        )
+    # The destination finalizes (orbax/zarr: its top-level metadata) once, and only then does
+    # the journal say so.
+    target.finalize(Completed(tuple(job.outputs)))
+    job.journal.complete = True
+    job.journal.save()
 
 
 def _shard_limit(target: Destination, format: str, max_shard_size: int | str) -> int:
@@ -248,8 +503,19 @@ def _source_state(reader: Reader) -> list[list[Any]]:
 
 
 def _prepare_destination(
-    dest: Destination, job: str, outputs: list[str], source: list[list[Any]], *, overwrite: bool
+    dest: Destination,
+    job: str,
+    outputs: list[str],
+    source: list[list[Any]],
+    *,
+    overwrite: bool,
+    only: list[str] | None = None,
 ) -> Journal:
+    """Load (or start) the journal of `job` in `dest`, refusing to mix conversions.
+
+    `only`: the shards a partition run writes; other parts may be writing the rest right now,
+    so only these are checked for clashes and cleaned of temporaries.
+    """
     journal = Journal.load(dest)
     if journal is not None and journal.job == job and journal.source and journal.source != source:
         if not overwrite:
@@ -261,6 +527,8 @@ def _prepare_destination(
                 f"({changed[0]} differs in size or modification time); resuming would mix two "
                 "versions. Pass --overwrite to start over"
             )
+        for name in journal.outputs:  # the shard records vouch for the old source's bytes
+            dest.remove(record_name(name))
         journal = None
     if journal is not None and journal.job != job:
         if not overwrite:
@@ -273,7 +541,12 @@ def _prepare_destination(
             dest.remove(name)
         journal = None
     if journal is None:
-        clashes = [n for n in outputs if dest.exists(n)]
+        mine = outputs if only is None else only
+        clashes = [
+            n
+            for n in mine
+            if dest.exists(n) and (only is None or read_record(dest, job, n) is None)
+        ]
         if clashes and not overwrite:
             raise ConversionError(
                 f"{dest.url}: already has {clashes[:3]} from something other than this conversion; "
@@ -283,18 +556,20 @@ def _prepare_destination(
             dest.remove(n)
         journal = Journal(dest, job, {}, False, outputs)
     journal.source = source
-    dest.remove_temporaries()
+    dest.remove_temporaries(only)
     dest.start(outputs)
     journal.complete = False
     journal.save()
     return journal
 
 
-def _committed_shards(journal: Journal, shards: list[Shard]) -> set[str]:
-    """Shards the journal records whose files still exist with the recorded size and hash."""
+def _committed_shards(journal: Journal, shards: list[Shard], job: str) -> set[str]:
+    """Shards recorded (in the journal, or by their own record from a task or a partition run)
+    whose files still exist with the recorded size and hash. Verified records are kept in the
+    journal, so the completed journal lists every shard however it was produced."""
     done = set()
     for shard in shards:
-        rec = journal.shards.get(shard.name)
+        rec = journal.shards.get(shard.name) or read_record(journal.dest, job, shard.name)
         if not rec or journal.dest.size(shard.name) != rec.get("size"):
             journal.shards.pop(shard.name, None)
             continue
@@ -305,6 +580,7 @@ def _committed_shards(journal: Journal, shards: list[Shard]) -> set[str]:
             digest = ""
         if digest == rec.get("checksum"):
             done.add(shard.name)
+            journal.shards[shard.name] = {"size": rec["size"], "checksum": rec["checksum"]}
         else:
             journal.shards.pop(shard.name, None)
     return done
@@ -332,7 +608,7 @@ def _progress_bar(total: int, initial: int, enabled: bool) -> Any:
         initial=initial,
         unit="B",
         unit_scale=True,
-        unit_divisor=1024,
+        unit_divisor=1000,  # decimal, as the summary and --max-shard-size
         desc="convert",
         dynamic_ncols=True,
     )

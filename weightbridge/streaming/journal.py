@@ -1,9 +1,11 @@
 """The resume journal: which output shards of which conversion are committed, and their hashes.
 
-It lives in the destination as ``.weightbridge-journal.json`` and is rewritten atomically after
-each shard is committed. A shard is recorded only after it was committed under its final
-name, so a crash at any point leaves either a recorded, complete shard or one that the rerun
-writes again.
+It lives in the destination as ``.weightbridge-journal.json``. A conversion run in this process
+rewrites it atomically after each shard is committed; one whose shards are tasks in other
+processes (or partitions) writes it at the start and once at the end, while each shard's own
+record (`weightbridge.streaming.tasks`) says it is committed in between. A shard is recorded only
+after it was committed under its final name, so a crash at any point leaves either a recorded,
+complete shard or one that the rerun writes again.
 """
 
 from __future__ import annotations

@@ -60,8 +60,9 @@ class Destination(Protocol):
 
     def remove(self, name: str) -> None: ...
 
-    def remove_temporaries(self) -> None:
-        """Delete what a killed run left behind (temporary files, uncommitted shards)."""
+    def remove_temporaries(self, names: Sequence[str] | None = None) -> None:
+        """Delete what a killed run left behind (temporary files, uncommitted shards): all of
+        it, or only what belongs to the outputs `names` (other writers may own the rest)."""
 
     def read_json(self, name: str) -> Any: ...
 
@@ -77,7 +78,10 @@ class Destination(Protocol):
 
     def free_space(self) -> int | None: ...
 
-    def lock(self) -> contextlib.AbstractContextManager[None]: ...
+    def lock(self, part: str | None = None) -> contextlib.AbstractContextManager[None]:
+        """Hold the place for one conversion: exclusively, or (`part` named) shared with the
+        other parts of a partitioned conversion and exclusive for this part."""
+        ...
 
     def max_object_size(self, format: str) -> int | None:
         """The largest shard of `format` this place takes in bounded memory (None: any)."""

@@ -25,6 +25,8 @@ from weightbridge.spec import TensorSpec
 from weightbridge.streaming.dest.base import ARRAY_FORMATS, Completed, Destination
 
 LOCK_NAME = ".weightbridge.lock"
+# Where per-shard records go (`weightbridge.streaming.tasks.RECORD_PREFIX`, a relative path).
+RECORDS_DIR = ".weightbridge/committed"
 
 
 def destination_for(
@@ -98,11 +100,22 @@ class LocalDirectory:
     def remove(self, name: str) -> None:
         _remove(self._path(name))
 
-    def remove_temporaries(self) -> None:
-        # Leftovers of a killed run are never reused: their content is unknown.
-        for entry in os.listdir(self.url):
-            if entry.startswith(".") and ".tmp-" in entry:
-                _remove(self._path(entry))
+    def remove_temporaries(self, names: Sequence[str] | None = None) -> None:
+        # Leftovers of a killed run are never reused: their content is unknown. Shard records
+        # (`weightbridge.streaming.tasks`) sit in a subdirectory, with temporaries of their own.
+        for folder in ("", RECORDS_DIR):
+            try:
+                entries = os.listdir(self._path(folder))
+            except FileNotFoundError:
+                continue
+            for entry in entries:
+                if not (entry.startswith(".") and ".tmp-" in entry):
+                    continue
+                base = entry[1:].split(".tmp-", 1)[0]
+                if folder:
+                    base = base.removesuffix(".json")
+                if names is None or base in names:
+                    _remove(os.path.join(self._path(folder), entry))
 
     def read_json(self, name: str) -> Any:
         try:
@@ -119,7 +132,10 @@ class LocalDirectory:
     def write_json(self, name: str, obj: Any) -> None:
         # Its temporary name starts with a dot and holds ".tmp-", like the shards', so
         # remove_temporaries finds it after a kill.
-        atomic_write_json(self._path(name), obj)
+        path = self._path(name)
+        if os.path.dirname(name):
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+        atomic_write_json(path, obj)
 
     def open_shard(
         self, name: str, format: str, tensors: Sequence[TensorSpec], metadata: dict[str, str] | None
@@ -146,17 +162,28 @@ class LocalDirectory:
         pass  # the same: nothing beyond the shards and the index
 
     @contextlib.contextmanager
-    def lock(self) -> Iterator[None]:
-        """Hold an exclusive lock on the directory for one conversion.
+    def lock(self, part: str | None = None) -> Iterator[None]:
+        """Hold a lock on the directory for one conversion: exclusive, or, for one `part` of a
+        partitioned conversion, shared on the directory and exclusive on the part (so parts
+        run together, but not with a whole run, nor twice).
 
         An `flock` belongs to the open file: the kernel drops it when the process exits, however
         it exits, so a crashed run never leaves the directory locked.
         """
-        path = self._path(LOCK_NAME)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        with contextlib.ExitStack() as stack:
+            if part is None:
+                stack.enter_context(self._flock(LOCK_NAME, fcntl.LOCK_EX))
+            else:
+                stack.enter_context(self._flock(LOCK_NAME, fcntl.LOCK_SH))
+                stack.enter_context(self._flock(f".weightbridge-{part}.lock", fcntl.LOCK_EX))
+            yield
+
+    @contextlib.contextmanager
+    def _flock(self, name: str, mode: int) -> Iterator[None]:
+        fd = os.open(self._path(name), os.O_RDWR | os.O_CREAT, 0o644)
         try:
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fcntl.flock(fd, mode | fcntl.LOCK_NB)
             except BlockingIOError:
                 holder = (
                     os.pread(fd, 200, 0).decode("utf-8", "replace").strip() or "another process"
@@ -165,8 +192,9 @@ class LocalDirectory:
                     f"{self.url}: another conversion is writing here ({holder}); wait for it to "
                     "finish or stop it, or choose another output directory"
                 ) from None
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode(), 0)
+            if mode == fcntl.LOCK_EX:  # a shared holder leaves the text to the others
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode(), 0)
             yield
         finally:
             os.close(fd)  # releases the flock

@@ -299,10 +299,12 @@ class TensorstoreDestination:
         self.store.delete(name)
         self.store.delete(self.size_key(name))
 
-    def remove_temporaries(self) -> None:
+    def remove_temporaries(self, names: Sequence[str] | None = None) -> None:
         prefix = f"{STATE_PREFIX}pending/"
         for key in self.store.list(prefix):
             name = key[len(prefix) :]
+            if names is not None and name not in names:
+                continue  # another part of a partitioned conversion may be writing it
             pending = self.store.read_json(key)
             if not self.store.exists(self.record_key(name)) and isinstance(pending, dict):
                 for path in pending.get("arrays", []):
@@ -372,7 +374,7 @@ class TensorstoreDestination:
             return None
 
     @contextlib.contextmanager
-    def lock(self) -> Iterator[None]:
+    def lock(self, part: str | None = None) -> Iterator[None]:
         """No lock (see the class docstring)."""
         yield
 
