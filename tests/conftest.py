@@ -58,7 +58,12 @@ def pytest_configure(config: pytest.Config) -> None:
         "transformers: needs transformers 4.x with its Flax classes (skipped when absent unless "
         "WEIGHTBRIDGE_REQUIRE includes transformers)",
     )
-    for lib, pkg in (("haiku", "dm-haiku"), ("equinox", "equinox"), ("gguf", "gguf"), ("dask", "dask[distributed]")):
+    for lib, pkg in (
+        ("haiku", "dm-haiku"),
+        ("equinox", "equinox"),
+        ("gguf", "gguf"),
+        ("dask", "dask[distributed]"),
+    ):
         config.addinivalue_line(
             "markers",
             f"{lib}: needs {pkg} (skipped when absent unless WEIGHTBRIDGE_REQUIRE includes {lib})",

@@ -13,8 +13,8 @@ from collections.abc import Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, overload
 
 from weightbridge import io as wio
+from weightbridge._files import atomic_write_json
 from weightbridge.errors import PlanError, SpecError
-from weightbridge.io._files import atomic_write_json
 from weightbridge.plan import Plan
 from weightbridge.spec import CheckpointSpec, TensorSpec, load_spec_file
 from weightbridge.streaming.convert import DEFAULT_MAX_SHARD_SIZE, ConversionReport

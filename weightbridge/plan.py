@@ -17,6 +17,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, get_args
 
+from weightbridge._files import atomic_write_json
 from weightbridge.errors import DtypeError, PlanError, SpecError
 from weightbridge.ops import Cast, Op, describe, infer, op_from_json
 from weightbridge.spec import CheckpointSpec, TensorSpec, parse_json
@@ -304,10 +305,6 @@ class Plan:
         )
 
     def save(self, path: str | os.PathLike[str]) -> None:
-        from weightbridge.io._files import (
-            atomic_write_json,  # here: weightbridge.io imports plan's values
-        )
-
         atomic_write_json(path, self.to_json())
 
     @classmethod

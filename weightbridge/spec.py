@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from weightbridge import dtypes
+from weightbridge._files import atomic_write_json
 from weightbridge.errors import DtypeError, SpecError
 
 # numpy arrays have at most 64 dimensions (NPY_MAXDIMS); a spec with more describes a tensor no
@@ -234,6 +235,4 @@ def load_spec_file(path: str | os.PathLike[str]) -> CheckpointSpec:
 
 def save_spec_file(spec: CheckpointSpec, path: str | os.PathLike[str]) -> None:
     """Write a spec as pretty JSON, one tensor per line-group, atomically."""
-    from weightbridge.io._files import atomic_write_json  # here: weightbridge.io imports spec
-
     atomic_write_json(path, spec.to_json())

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import TYPE_CHECKING, Any, cast
 
+from weightbridge._files import is_remote_url
 from weightbridge.errors import UnknownFormatError
-from weightbridge.io._files import is_remote_url
 from weightbridge.io.base import (
     ByteRange,
     FormatModule,

@@ -28,7 +28,7 @@ TIMEOUT_SECONDS = 600.0
 # Read when no endpoint is given (--endpoint on the command line, endpoint= in Python).
 ENDPOINT_ENV = "WEIGHTBRIDGE_S3_ENDPOINT"
 
-# Splits a URL into scheme and the rest (`weightbridge.io._files.is_url` says whether it is one).
+# Splits a URL into scheme and the rest (`weightbridge._files.is_url` says whether it is one).
 _URL = re.compile(r"^([a-z][a-z0-9+.-]*)://(.*)$", re.IGNORECASE)
 _CONTEXT: Any = None
 _CONTEXT_LOCK = threading.Lock()

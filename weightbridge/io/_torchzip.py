@@ -16,8 +16,8 @@ from typing import IO
 
 import numpy as np
 
+from weightbridge._files import ZIP_ALIGN, zip_align_extra
 from weightbridge.errors import FormatError
-from weightbridge.io._files import ZIP_ALIGN, zip_align_extra
 from weightbridge.io._pickle import STORAGE_DTYPES
 from weightbridge.io._tiles import TileCursor
 from weightbridge.io.base import ZIP_LOCAL_HEADER_SIZE, ByteRange

@@ -36,8 +36,8 @@ from typing import Any
 import numpy as np
 
 from weightbridge import dtypes
+from weightbridge._files import pwrite_all
 from weightbridge.errors import DtypeError, FormatError, SpecError
-from weightbridge.io._files import pwrite_all
 from weightbridge.io._tiles import TileCursor
 from weightbridge.io.base import BaseReader, ByteRange, MappedFile
 from weightbridge.spec import CheckpointSpec, TensorSpec

@@ -37,8 +37,8 @@ import numpy as np
 from numpy.lib import format as npy_format
 
 from weightbridge import dtypes
+from weightbridge._files import ZIP_ALIGN, zip_align_extra
 from weightbridge.errors import DtypeError, FormatError, SpecError
-from weightbridge.io._files import ZIP_ALIGN, zip_align_extra
 from weightbridge.io._tiles import TileCursor
 from weightbridge.io.base import (
     ZIP_LOCAL_HEADER_SIZE,

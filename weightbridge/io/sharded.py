@@ -16,8 +16,8 @@ from typing import Any
 
 import numpy as np
 
+from weightbridge._files import atomic_write_json
 from weightbridge.errors import FormatError
-from weightbridge.io._files import atomic_write_json
 from weightbridge.io.base import BaseReader, ByteRange, Reader, check_safe_relative
 from weightbridge.spec import CheckpointSpec, parse_json
 

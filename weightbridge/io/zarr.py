@@ -46,13 +46,13 @@ from typing import Any
 import numpy as np
 
 from weightbridge import dtypes
+from weightbridge._files import is_url
 from weightbridge.errors import (
     DtypeError,
     FormatError,
     SpecError,
     WeightbridgeError,
 )
-from weightbridge.io._files import is_url
 from weightbridge.io._kvstore import Store, as_dir, ts_context, ts_module
 from weightbridge.io.base import BaseReader, ByteRange
 from weightbridge.spec import MAX_NBYTES, MAX_RANK, CheckpointSpec, TensorSpec, parse_json

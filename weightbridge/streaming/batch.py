@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from weightbridge import io as wio
+from weightbridge._files import is_url
 from weightbridge.errors import ConversionError
-from weightbridge.io._files import is_url
 from weightbridge.io.base import Reader
 from weightbridge.plan import Plan
 from weightbridge.planning.shards import DEFAULT_MAX_SHARD_SIZE, human_size

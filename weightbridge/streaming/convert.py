@@ -39,8 +39,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from weightbridge import io as wio
+from weightbridge._files import is_url
 from weightbridge.errors import ConversionError, PlanError, VerifyError, WeightbridgeError
-from weightbridge.io._files import is_url
 from weightbridge.io.base import Reader, UnionReader
 from weightbridge.plan import Plan
 from weightbridge.planning.shards import (

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from weightbridge.io._files import fsync_dir
+from weightbridge._files import fsync_dir
 from weightbridge.streaming.dest.base import Completed, Destination, ShardSink
 from weightbridge.streaming.dest.local import LocalDirectory, destination_for
 

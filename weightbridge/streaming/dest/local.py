@@ -18,8 +18,8 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 from weightbridge import io as wio
+from weightbridge._files import atomic_write_json, fsync_dir, is_remote_url, temporary_name
 from weightbridge.errors import ConversionError
-from weightbridge.io._files import atomic_write_json, fsync_dir, is_remote_url, temporary_name
 from weightbridge.io.base import Reader, ShardWriter
 from weightbridge.spec import TensorSpec
 from weightbridge.streaming.dest.base import ARRAY_FORMATS, Completed, Destination

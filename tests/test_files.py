@@ -1,4 +1,4 @@
-"""The shared file helpers (`weightbridge.io._files`): one behaviour each, pinned here."""
+"""The shared file helpers (`weightbridge._files`): one behaviour each, pinned here."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import struct
 
 import pytest
 
-from weightbridge.io import _files
+from weightbridge import _files
 
 
 def test_docstring_examples() -> None:
