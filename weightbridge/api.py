@@ -402,9 +402,9 @@ def _what(target: Any) -> str:
 def verify(
     source: str | os.PathLike[str],
     dest: str | os.PathLike[str] | Destination,
+    *,
     plan: Plan | str | os.PathLike[str] | None = None,
     target: Any = None,
-    *,
     format: str | None = None,
     dest_options: dict[str, Any] | None = None,
 ) -> int:

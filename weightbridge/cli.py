@@ -288,7 +288,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     n = api.verify(
         args.source,
         args.dest,
-        args.plan,
+        plan=args.plan,
         target=args.like,
         format=args.format,
         dest_options=_dest_options(args),
