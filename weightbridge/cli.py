@@ -307,6 +307,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     with tempfile.TemporaryDirectory(prefix="weightbridge-demo-") as workdir:
         run_demo(workdir, out=sys.stdout)
+    print("(a temporary directory, removed now: pass --dir DIR to keep the files)")
     return 0
 
 
