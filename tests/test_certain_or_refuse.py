@@ -243,6 +243,42 @@ def test_flatten_order_is_never_guessed() -> None:
     np.testing.assert_array_equal(regrouped["classifier.weight"], want)
 
 
+def _patch_embed_then_mlp() -> tuple[dict, dict]:
+    """Sorted names (no order): a 32-channel conv, then dense layers 32 -> 64 -> 32, as in a
+    ViT. 64 = 32 x 2 is a factor of the conv's channels, but fc2's 64 inputs are fc1's
+    outputs, not a flattened map."""
+    theirs = {
+        "a_conv.weight": rand(32, 3, 8, 8),
+        "a_conv.bias": rand(32),
+        "b_fc1.weight": rand(64, 32),
+        "b_fc1.bias": rand(64),
+        "c_fc2.weight": rand(32, 64),
+        "c_fc2.bias": rand(32),
+    }
+    mine = {
+        "a_conv": {"kernel": np.zeros((8, 8, 3, 32), np.float32), "bias": np.zeros(32)},
+        "b_fc1": {"kernel": np.zeros((32, 64), np.float32), "bias": np.zeros(64)},
+        "c_fc2": {"kernel": np.zeros((64, 32), np.float32), "bias": np.zeros(32)},
+    }
+    return theirs, mine
+
+
+def test_a_factor_of_the_conv_channels_is_not_a_flatten() -> None:
+    theirs, mine = _patch_embed_then_mlp()
+    got = weightbridge.adapt(theirs, mine, in_format="pytorch", out_format="flax")
+    np.testing.assert_array_equal(got["c_fc2"]["kernel"], theirs["c_fc2.weight"].T)
+
+
+def test_a_flatten_without_order_is_still_asked_for() -> None:
+    """The same model with fc1 taking an 8 x 8 map of the 32 channels (2048 inputs, which no
+    other layer produces): a flatten, whose order must be chosen."""
+    theirs, mine = _patch_embed_then_mlp()
+    theirs["b_fc1.weight"] = rand(64, 32 * 64)
+    mine["b_fc1"]["kernel"] = np.zeros((32 * 64, 64), np.float32)
+    with pytest.raises(MatchError, match="@flatten=nhwc"):
+        weightbridge.adapt(theirs, mine, in_format="pytorch", out_format="flax")
+
+
 # --- 5. name similarity must not beat structure: LLaMA norms into Flax names ------------------
 
 

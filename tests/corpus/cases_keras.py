@@ -625,11 +625,10 @@ CASES: list[Case] = [
         ),
         TORCHVISION,
         # Stage 1's shortcut and third conv have one shape, names share nothing, and Keras builds
-        # the shortcut between the convs where torchvision defines it last: refused. Its
-        # BatchNorm groups span stages, and the suggested hints (guesses by position) do not
-        # converge to the right pairing: a known gap of the hint suggestions.
+        # the shortcut between the convs where torchvision defines it last: refused. The two
+        # definition orders are seen to disagree, so no hint is guessed from them (they used
+        # to pair the third conv with the shortcut); the refusal says to use a rules file.
         expect="refused",
-        hints_lead_to_equal=False,
     ),
     _case(
         "keras_mobilenet_v2_to_flax",

@@ -800,13 +800,11 @@ CASES: list[Case] = [
         "peers/vit/torchvision_to_flax",
         vit_to_flax(),
         ("torch", "torchvision", "jax"),
-        # Refused on two counts: (1) each block's LayerNorm_0/LayerNorm_2 (Flax numbers every
-        # submodule) against ln_1/ln_2 ("their numbers do not line up"), with no hint offered
-        # although ('encoderblock_0/LayerNorm_0', 'encoder_layer_0.ln_1') and its three
-        # siblings do resolve it; (2) the patch-embedding conv taken for a conv stack that
-        # flattens into a dense layer (there is none in a ViT), asking for @flatten. The
-        # refusal suggests no concrete hint, so there is nothing for
-        # test_corpus_refusal_hints to follow; the next case gives the hints that work.
+        # Refused: each block's LayerNorm_0/LayerNorm_2 (Flax numbers every submodule) against
+        # ln_1/ln_2 ("their numbers do not line up"). The refusal suggests the checked hint
+        # ('LayerNorm_0', 'ln_1'), which resolves every block (test_corpus_refusal_hints
+        # follows it). The patch-embedding conv is no longer taken for a conv stack that
+        # flattens into a dense layer: Dense_1's 64 = 32 x 2 inputs are Dense_0's outputs.
         expect="refused",
     ),
     _case(

@@ -18,14 +18,19 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from weightbridge.errors import Hint
+from weightbridge.errors import Hint, MatchError
 from weightbridge.plan import is_buffer
 from weightbridge.planning.fused import Part, split_fused
 from weightbridge.planning.hints import ORIENTATIONS, TRANSPOSE_HINT, check_hints, hint_hits
 from weightbridge.planning.layouts import guess_family
 from weightbridge.planning.match_result import MatchNote, MatchResult, PlannedPair, Refusal
 from weightbridge.planning.names import tokens
-from weightbridge.planning.order import follows_order, is_definition_order, orders_agree
+from weightbridge.planning.order import (
+    follows_order,
+    is_definition_order,
+    orders_agree,
+    orders_disagree,
+)
 from weightbridge.planning.orientation import decide_transpose
 from weightbridge.planning.pair_ops import plan_pairs, slice_leftovers
 from weightbridge.planning.pairing import Conflict, Outcome, TreeMatcher, TreePairing
@@ -109,20 +114,7 @@ def match_specs(
         )
     ]
     ctx = _Context(fam, hints, notes, slice_mismatched)
-    outcome = ctx.run(src, tgt, {}, {})
-    if not outcome.ok:
-        vsrc, sparts = split_fused(src, fam[0] == "pytorch")
-        vtgt, tparts = split_fused(tgt, fam[1] == "pytorch")
-        if sparts or tparts:
-            notes.append(
-                _info(
-                    f"one-to-one pairing failed; retrying with {len(sparts)} source and "
-                    f"{len(tparts)} target fused/stacked parts split out"
-                )
-            )
-            retry = ctx.run(vsrc, vtgt, sparts, tparts)
-            if retry.ok or _closer(retry, outcome):
-                outcome = retry
+    outcome = ctx.staged(src, tgt)
     refusal = None
     if outcome.bad_hints:
         refusal = Refusal("\n".join(outcome.bad_hints))
@@ -322,9 +314,46 @@ class _Context:
             tries[default].pairs, TreePairing(), problems=[problem], choices=[ORIENTATIONS]
         )
 
+    def staged(
+        self,
+        src: list[TensorSpec],
+        tgt: list[TensorSpec],
+        hints: tuple[Hint, ...] | None = None,
+        quiet: bool = False,
+    ) -> Outcome:
+        """Match one-to-one; when that fails, again with fused (qkv, in_proj) and stacked
+        (experts) tensors on either side split into virtual parts (`planning.fused`)."""
+        outcome = self.run(src, tgt, {}, {}, hints, quiet)
+        if outcome.ok:
+            return outcome
+        vsrc, sparts = split_fused(src, self.fam[0] == "pytorch")
+        vtgt, tparts = split_fused(tgt, self.fam[1] == "pytorch")
+        if sparts or tparts:
+            if not quiet:
+                self.notes.append(
+                    _info(
+                        f"one-to-one pairing failed; retrying with {len(sparts)} source and "
+                        f"{len(tparts)} target fused/stacked parts split out"
+                    )
+                )
+            retry = self.run(vsrc, vtgt, sparts, tparts, hints, quiet)
+            if retry.ok or _closer(retry, outcome):
+                outcome = retry
+        return outcome
+
     def replan(self, src: list[TensorSpec], tgt: list[TensorSpec]) -> Replan:
-        """Plan again, quietly, with extra hints (to check the hints a refusal suggests)."""
-        return lambda extra: self.run(src, tgt, {}, {}, hints=(*self.hints, *extra), quiet=True)
+        """Plan again, quietly, with extra hints, through the same stages as the user's call
+        (to check the hints a refusal suggests)."""
+
+        def again(extra: tuple[Hint, ...]) -> Outcome:
+            hints = (*self.hints, *extra)
+            try:  # a suggestion must name real tensors (not a fused tensor's virtual part)
+                check_hints(hints, src, tgt)
+            except MatchError as e:
+                return Outcome([], TreePairing(), bad_hints=[str(e)])
+            return self.staged(src, tgt, hints, quiet=True)
+
+        return again
 
     def _once(
         self,
@@ -364,6 +393,10 @@ class _Context:
         m.pair_leftovers_by_hints()
         _contest_twins(m.result, hints)
         outcome = Outcome([], m.result, bad_hints=m.bad_hints, hints_used=m.hints_used)
+        # (only read by a refusal's hints for tied groups: skip the sort when there are none)
+        outcome.order_disagrees = (
+            bool(m.result.conflicts) and all(order) and orders_disagree(m.result.pairs)
+        )
         plan_pairs(outcome, self.fam, transpose2d, order, hints, notes, sparts, tparts)
         if self.slice_mismatched:
             outcome.pairs += slice_leftovers(

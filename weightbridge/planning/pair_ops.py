@@ -5,8 +5,9 @@ filled with the leading block of a larger same-named source.
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from weightbridge.errors import Hint
 from weightbridge.ops import Op, Slice
@@ -236,14 +237,16 @@ def _flatten_pair(
         after = sorted((p for p in dense if key(p) > last), key=key)
         chosen = after[0] if after else None
     else:
-        fits = [p for p in dense if fan_in(p[0]) % channels == 0 and fan_in(p[0]) // channels > 1]
+        fits = _flatten_candidates(pairs, dense, channels, fan_in, notes)
         if len(fits) > 1:
             names = [t.path for _, t in fits]
             return Refusal(
-                f"cannot tell which dense layer follows the flatten after the conv stack "
-                f"({channels} channels): any of {names[:4]} could, and neither side keeps "
-                "definition order. Name it with hints=[('@flatten', '<part of its target name>')] "
-                "(CLI: --hint @flatten=NAME), or say there is none with ('@flatten', 'nchw')"
+                f"the conv stack ends in {channels} channels, and {len(fits)} dense layers "
+                f"({', '.join(names[:4])}) take a multiple of that many inputs that no other "
+                "layer produces, so any of them may follow a flatten; neither side keeps "
+                "definition order to tell which. Name it with hints=[('@flatten', '<part of its "
+                "target name>')] (CLI: --hint @flatten=NAME), or say there is none with "
+                "('@flatten', 'nchw')"
             )
         chosen = fits[0] if fits else None
     if chosen is None:
@@ -290,3 +293,43 @@ def _flatten_pair(
         )
     )
     return chosen[0], channels
+
+
+def _flatten_candidates(
+    pairs: list[tuple[Node, Node]],
+    dense: list[tuple[Node, Node]],
+    channels: int,
+    fan_in: Callable[[Node], int],
+    notes: list[MatchNote],
+) -> list[tuple[Node, Node]]:
+    """Dense layers that may follow a flatten of a `channels`-channel map, without order.
+
+    A fan-in of k x channels (k > 1) is only a factor until the structure supports it: a
+    flattened map's size is produced by no layer, so a dense layer whose fan-in is some other
+    tensor's width (a ViT's second MLP dense takes the first one's 64 = 32 x 2 outputs) is fed
+    by that layer. Such a one stays a candidate only when k is a square (an H x H map), where a
+    model of equal widths could still flatten into it; otherwise it is a factor coincidence.
+    """
+    widths: dict[int, list[Node]] = defaultdict(list)
+    for s, _ in pairs:
+        if s.spec is not None and len(s.spec.shape) in (1, 2):
+            for d in set(s.spec.shape):
+                widths[d].append(s)
+    out = []
+    for p in dense:
+        n_in = fan_in(p[0])
+        if n_in % channels or n_in // channels < 2:
+            continue
+        k = n_in // channels
+        fed_by = [n for n in widths.get(n_in, []) if n is not p[0]]
+        if fed_by and math.isqrt(k) ** 2 != k:
+            notes.append(
+                MatchNote(
+                    "info",
+                    f"{p[1].path}: its {n_in} inputs are {fed_by[0].path}'s width, not a "
+                    f"flattened map ({channels} channels x {k}); no regroup",
+                )
+            )
+            continue
+        out.append(p)
+    return out

@@ -11,9 +11,10 @@ import itertools
 from collections.abc import Callable, Iterator
 
 from weightbridge.errors import Hint
-from weightbridge.planning.evidence import similarity
+from weightbridge.planning.evidence import index_like, similarity
 from weightbridge.planning.hints import hint_text, unique_tail
 from weightbridge.planning.match_result import Decision
+from weightbridge.planning.names import natural_key
 from weightbridge.planning.pairing import Conflict, Outcome, TreePairing
 from weightbridge.planning.tree import Node, real_path, relaxed_key
 from weightbridge.spec import TensorSpec
@@ -65,7 +66,7 @@ def refusal_message(
         detail += [f"    OUT {describe_leaf(leaf)}" for t in c.targets for leaf in t.leaves()][:6]
         detail += [f"    IN  {describe_leaf(leaf)}" for s in c.sources for leaf in s.leaves()][:6]
         if i < _HINTS_CHECKED:
-            fixes.append(_checked_hint(c, replan))
+            fixes.append(_checked_hint(c, replan, outcome.order_disagrees))
     if r.unpaired_targets or r.unpaired_sources:
         detail.append("  no counterpart with a matching role and size:")
         detail += [f"    OUT {describe_leaf(n)} [{n.role}]" for n in r.unpaired_targets]
@@ -119,14 +120,22 @@ def _tied_copies(
     return out
 
 
-def _checked_hint(c: Conflict, replan: Replan) -> str:
+def _checked_hint(c: Conflict, replan: Replan, order_disagrees: bool) -> str:
     """Hints for a conflict, printed only if re-planning with them removes it. They name a
     likely pairing, for the user to confirm, not a decision: by word overlap (which the
-    matcher itself does not trust) when that gives one, else by definition order."""
+    matcher itself does not trust) when that gives one; else by definition order, unless both
+    sides keep one and the pairs made show they disagree (Keras defines a ResNet block's
+    shortcut first, torchvision last: pairing those by order would suggest the wrong pairing);
+    else, for names
+    that differ only in their numbers (Flax ``LayerNorm_0``/``LayerNorm_2`` and ``ln_1``/
+    ``ln_2``), in number order."""
     ts = sorted(c.targets, key=lambda n: n.order)
     for pairing in (
         _likely_by_words(c.sources, ts),
-        list(zip(ts, sorted(c.sources, key=lambda n: n.order)[: len(ts)], strict=True)),
+        list(zip(ts, sorted(c.sources, key=lambda n: n.order)[: len(ts)], strict=True))
+        if not order_disagrees
+        else None,
+        _by_numbers(c.sources, c.targets),
     ):
         if pairing is None:
             continue
@@ -145,6 +154,18 @@ def _checked_hint(c: Conflict, replan: Replan) -> str:
         f"no hint found that separates {real_path(ts[0])!r} from its look-alikes; "
         "pair them with a rules file"
     )
+
+
+def _by_numbers(ss: list[Node], ts: list[Node]) -> list[tuple[Node, Node]] | None:
+    """Tied nodes paired in the order of their numbers, when on each side the names differ only
+    in their numbers and the counts are equal."""
+    if len(ss) != len(ts) or not (index_like(ss) and index_like(ts)):
+        return None
+
+    def number(n: Node) -> tuple[object, ...]:
+        return natural_key(n.name)
+
+    return list(zip(sorted(ts, key=number), sorted(ss, key=number), strict=True))
 
 
 def _likely_by_words(ss: list[Node], ts: list[Node]) -> list[tuple[Node, Node]] | None:
