@@ -104,8 +104,16 @@ def _make_plan(args: argparse.Namespace) -> Plan:
         from_framework=args.from_framework,
         to_framework=args.to_framework,
         dtype=args.dtype,
-        hints=[_hint(h) for h in args.hint or []],
+        hints=_hints(args),
     )
+
+
+def _hints(args: argparse.Namespace) -> list[tuple[str, str]]:
+    """``--hint`` pairs, and ``--flatten`` as the choice hint it stands for."""
+    hints = [_hint(h) for h in args.hint or []]
+    if args.flatten:
+        hints.append(("@flatten", args.flatten))
+    return hints
 
 
 def _hint(text: str) -> tuple[str, str]:
@@ -223,7 +231,7 @@ def _convert_batch(args: argparse.Namespace, scale: dict[str, Any]) -> int:
             "from_framework": args.from_framework,
             "to_framework": args.to_framework,
             "dtype": args.dtype,
-            "hints": [_hint(h) for h in args.hint or []],
+            "hints": _hints(args),
         }
     report = api.convert(
         args.source,
@@ -382,6 +390,13 @@ def build_parser() -> argparse.ArgumentParser:
             action="append",
             metavar="TARGET=SOURCE",
             help="pair tensors the matcher finds ambiguous by unique substrings (repeatable)",
+        )
+        s.add_argument(
+            "--flatten",
+            choices=("nhwc", "nchw"),
+            help="how the target flattens a conv's output into its first dense layer: nhwc "
+            "(Flax/Keras, channels last) or nchw (transposes to channels first, as torch does); "
+            "the same as --hint @flatten=nhwc|nchw, asked for when the matcher cannot tell",
         )
         s.add_argument("--plan", help="use this saved plan instead of planning")
         s.add_argument("--dtype", help=DTYPE_HELP)
