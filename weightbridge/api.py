@@ -233,7 +233,7 @@ def convert(
             executor=executor,
             retries=retries,
             partition=partition,
-            **planning,
+            planning=planning,
         )
     source = os.fspath(source)
     with wio.open_reader(source) as reader:
@@ -261,10 +261,20 @@ def convert(
                 retries=retries,
                 partition=partition,
             )
-    if all(op.kind != "apply" for s in the_plan.steps for op in s.ops):
-        out = destination_for(dest, format=format, **(dest_options or {}))
-        out.write_json(PLAN_FILE, the_plan.to_json())
+    _save_plan(the_plan, dest, format, dest_options)
     return report
+
+
+def _save_plan(
+    plan: Plan,
+    dest: str | os.PathLike[str] | Destination,
+    format: str,
+    dest_options: dict[str, Any] | None,
+) -> None:
+    """Save `plan` in its output for `verify` (a plan with Python `apply` ops cannot be saved)."""
+    if all(op.kind != "apply" for s in plan.steps for op in s.ops):
+        out = destination_for(dest, format=format, **(dest_options or {}))
+        out.write_json(PLAN_FILE, plan.to_json())
 
 
 def _convert_batch(
@@ -275,12 +285,12 @@ def _convert_batch(
     plan: Plan | str | os.PathLike[str] | None,
     dest_options: dict[str, Any] | None,
     format: str,
+    planning: dict[str, Any],
     **options: Any,
 ) -> BatchReport:
     """`convert` for a list of sources (see there): one plan per distinct specs."""
     from weightbridge.streaming.batch import convert_batch
 
-    planning = {k: options.pop(k) for k in list(options) if k not in _BATCH_OPTIONS}
     if not isinstance(dest, (str, os.PathLike)):
         raise SpecError("a batch's dest must be a directory path or an object-store URL")
 
@@ -309,25 +319,8 @@ def _convert_batch(
         **options,
     )
     for name, p in report.plans.items():
-        if all(op.kind != "apply" for s in p.steps for op in s.ops):
-            out = destination_for(
-                f"{os.fspath(dest).rstrip('/')}/{name}", format=format, **(dest_options or {})
-            )
-            out.write_json(PLAN_FILE, p.to_json())
+        _save_plan(p, f"{os.fspath(dest).rstrip('/')}/{name}", format, dest_options)
     return report
-
-
-_BATCH_OPTIONS = frozenset(
-    {
-        "max_shard_size",
-        "overwrite",
-        "progress",
-        "keep_cache",
-        "executor",
-        "retries",
-        "partition",
-    }
-)
 
 
 def keeps_target_values(plan: Plan) -> bool:
