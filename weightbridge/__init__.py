@@ -2,8 +2,8 @@
 
 Two phases, never mixed: plan from metadata (names, shapes, dtypes), then stream bytes.
 
-`adapt`, `CheckpointSpec` and `TensorSpec` are imported on first use, so that importing the
-package (and `weightbridge --version`) does not pay for numpy and ml_dtypes.
+`adapt`, `diff`, `DiffReport`, `CheckpointSpec` and `TensorSpec` are imported on first use, so
+that importing the package (and `weightbridge --version`) does not pay for numpy and ml_dtypes.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from weightbridge.errors import (
 
 if TYPE_CHECKING:
     from weightbridge.adapt import adapt
+    from weightbridge.compare import DiffReport, diff
     from weightbridge.spec import CheckpointSpec, TensorSpec
 
 __version__ = "0.1.0"
@@ -32,6 +33,7 @@ __version__ = "0.1.0"
 __all__ = [
     "CheckpointSpec",
     "ConversionError",
+    "DiffReport",
     "FormatError",
     "MatchError",
     "PlanError",
@@ -40,6 +42,7 @@ __all__ = [
     "VerifyError",
     "WeightbridgeError",
     "adapt",
+    "diff",
 ]
 
 # Public name -> the module that defines it, imported when the name is first used.
@@ -47,6 +50,8 @@ _LAZY = {
     "adapt": "weightbridge.adapt",
     "CheckpointSpec": "weightbridge.spec",
     "TensorSpec": "weightbridge.spec",
+    "diff": "weightbridge.compare",
+    "DiffReport": "weightbridge.compare",
 }
 
 

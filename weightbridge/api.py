@@ -1,4 +1,4 @@
-"""The Python API: inspect, plan, convert and verify checkpoints.
+"""The Python API: inspect, plan, convert, verify and diff checkpoints.
 
 Sources and targets may be given as a checkpoint path, a target spec JSON file, a
 `CheckpointSpec`, a dict of arrays, or (when that framework is installed and already imported)
@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING, Any, overload
 
 from weightbridge import io as wio
 from weightbridge._files import atomic_write_json
+from weightbridge.compare import DiffReport as DiffReport
+from weightbridge.compare import diff as diff
 from weightbridge.errors import PlanError, SpecError
 from weightbridge.plan import Plan
 from weightbridge.spec import CheckpointSpec, TensorSpec, load_spec_file

@@ -305,6 +305,26 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return 0
 
 
+def _tolerance(text: str) -> float:
+    """A tolerance: a number >= 0 (argparse turns the error into a usage message)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number >= 0, e.g. 1e-5")
+    return value
+
+
+def cmd_diff(args: argparse.Namespace) -> int:
+    from weightbridge import api
+
+    _say_which_weights(args.a, args.b)
+    report = api.diff(args.a, args.b, rtol=args.rtol, atol=args.atol)
+    print(json.dumps(report.to_json(), indent=1) if args.json else report.explain())
+    return 0 if report.equal else 1
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from weightbridge.demo import run_demo
 
@@ -479,6 +499,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _remote_options(s)
     s.set_defaults(func=cmd_verify)
+
+    s = sub.add_parser(
+        "diff",
+        help="compare two checkpoints tensor by tensor (names, shapes, dtypes, values); "
+        "exit 0 when equal, 1 when not",
+        description="Compare two checkpoints tensor by tensor, streaming (one tensor of each at "
+        "a time): names only in A or only in B, shape and dtype mismatches, and values that "
+        "differ beyond the tolerance. Floats are equal where |a - b| <= atol + rtol * |b| (NaN "
+        "equals NaN); integers and bools exactly. Exit 0 when equal, 1 when not, 2 on an error.",
+    )
+    s.add_argument("a", help="checkpoint A: " + _PATH_HELP)
+    s.add_argument("b", help="checkpoint B (the reference for --rtol), as for A")
+    s.add_argument(
+        "--rtol", type=_tolerance, default=0.0, help="relative tolerance, of |b| (default 0: exact)"
+    )
+    s.add_argument("--atol", type=_tolerance, default=0.0, help="absolute tolerance (default 0)")
+    s.add_argument("--json", action="store_true", help="print the report as JSON")
+    s.set_defaults(func=cmd_diff)
 
     s = sub.add_parser("demo", help="build a small checkpoint, convert it, verify it")
     s.add_argument(

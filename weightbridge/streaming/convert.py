@@ -40,6 +40,7 @@ from typing import Any
 
 from weightbridge import io as wio
 from weightbridge._files import is_url
+from weightbridge.compare import compare_values
 from weightbridge.errors import ConversionError, PlanError, VerifyError, WeightbridgeError
 from weightbridge.io.base import Reader, UnionReader
 from weightbridge.plan import Plan
@@ -645,8 +646,15 @@ def verify(
                     continue
                 want = compute([reader.read(s) for s in step.sources], step.ops, step.target)
                 if got.tobytes() != want.tobytes():
+                    how = compare_values(got, want)  # the comparison `diff` makes, untolerant
                     bad.append(
-                        f"{name}: values differ from the source {list(step.sources)} through the plan"
+                        f"{name}: values differ from the source {list(step.sources)} through the "
+                        "plan: "
+                        + (
+                            how.describe("output", "source")
+                            if how
+                            else "bytes only (signed zeros or NaN payloads)"
+                        )
                     )
                 out.release(name)
                 for s in step.sources:
