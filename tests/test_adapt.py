@@ -41,7 +41,10 @@ def test_ambiguity_errors_with_the_hint_that_fixes_it() -> None:
     msg = str(info.value)
     assert "OUT load_prefix/encode/stage3/block6/reduce/linear/w (64,)" in msg
     assert "IN  backbone.0.body.layer3.5.conv1.weight (64,)" in msg
-    assert "hints=[(" in msg
+    # Nothing tells reduce/expand from conv1/conv3 (a sorted file's order is no evidence):
+    # both choices are named, each checked to resolve the group; the user picks the right one.
+    assert "only you can tell which is right" in msg
+    assert "--hint reduce/linear=conv1" in msg and "--hint reduce/linear=conv3" in msg
     out = weightbridge.adapt(theirs, mine, hints=[("reduce", "conv1")])
     block = out["load_prefix"]["encode"]["stage3"]["block6"]
     np.testing.assert_array_equal(

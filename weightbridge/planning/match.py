@@ -29,7 +29,6 @@ from weightbridge.planning.order import (
     follows_order,
     is_definition_order,
     orders_agree,
-    orders_disagree,
 )
 from weightbridge.planning.orientation import decide_transpose
 from weightbridge.planning.pair_ops import plan_pairs, slice_leftovers
@@ -393,10 +392,6 @@ class _Context:
         m.pair_leftovers_by_hints()
         _contest_twins(m.result, hints)
         outcome = Outcome([], m.result, bad_hints=m.bad_hints, hints_used=m.hints_used)
-        # (only read by a refusal's hints for tied groups: skip the sort when there are none)
-        outcome.order_disagrees = (
-            bool(m.result.conflicts) and all(order) and orders_disagree(m.result.pairs)
-        )
         plan_pairs(outcome, self.fam, transpose2d, order, hints, notes, sparts, tparts)
         if self.slice_mismatched:
             outcome.pairs += slice_leftovers(

@@ -69,11 +69,6 @@ def orders_agree(pairs: list[tuple[Node, Node]]) -> bool:
     return all(a[1].order < b[1].order for a, b in itertools.pairwise(ordered))
 
 
-def orders_disagree(pairs: list[tuple[Node, Node]]) -> bool:
-    """True if enough pairs to judge are made and some come in different orders on the sides."""
-    return len(pairs) >= _MIN_PAIRS_FOR_ORDER and not orders_agree(pairs)
-
-
 def follows_order(pairs: list[tuple[Node, Node]]) -> bool:
     """True if the paired 2-D kernels come in the same definition order on both sides."""
     mats = sorted(

@@ -294,9 +294,6 @@ class Outcome:
     hints_used: set[Hint] = field(default_factory=set)
     # Open decisions, as data (see `MatchError.choices`).
     choices: list[Decision] = field(default_factory=list)
-    # Both sides keep definition order, and the pairs made do not come in the same order on
-    # both: a refusal must not suggest pairing tied nodes by order then.
-    order_disagrees: bool = False
 
     @property
     def ok(self) -> bool:

@@ -8,6 +8,7 @@ that were checked by planning again with them. It also gives the open decisions 
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Callable, Iterator
 
 from weightbridge.errors import Hint
@@ -66,7 +67,7 @@ def refusal_message(
         detail += [f"    OUT {describe_leaf(leaf)}" for t in c.targets for leaf in t.leaves()][:6]
         detail += [f"    IN  {describe_leaf(leaf)}" for s in c.sources for leaf in s.leaves()][:6]
         if i < _HINTS_CHECKED:
-            fixes.append(_checked_hint(c, replan, outcome.order_disagrees))
+            fixes.append(_checked_hint(c, replan))
     if r.unpaired_targets or r.unpaired_sources:
         detail.append("  no counterpart with a matching role and size:")
         detail += [f"    OUT {describe_leaf(n)} [{n.role}]" for n in r.unpaired_targets]
@@ -103,7 +104,12 @@ def _tied_copies(
         same = [s for s in r.unpaired_sources if relaxed_key(s) == relaxed_key(t)]
         if len(same) < 2:
             continue
-        best = max(same, key=lambda s: (similarity(s, t), -s.order))
+        # Only a candidate whose name is strictly closest: a tie (``layer.0``/``layer.1``
+        # read the same in words) leaves nothing to suggest, and order is no evidence here.
+        scored = sorted(same, key=lambda s: -similarity(s, t))
+        if similarity(scored[0], t) - similarity(scored[1], t) < 1e-9:
+            continue
+        best = scored[0]
         hint = (
             unique_tail(real_path(t), [x.name for x in tgt]),
             unique_tail(real_path(best), [x.name for x in src]),
@@ -120,21 +126,17 @@ def _tied_copies(
     return out
 
 
-def _checked_hint(c: Conflict, replan: Replan, order_disagrees: bool) -> str:
+def _checked_hint(c: Conflict, replan: Replan) -> str:
     """Hints for a conflict, printed only if re-planning with them removes it. They name a
-    likely pairing, for the user to confirm, not a decision: by word overlap (which the
-    matcher itself does not trust) when that gives one; else by definition order, unless both
-    sides keep one and the pairs made show they disagree (Keras defines a ResNet block's
-    shortcut first, torchvision last: pairing those by order would suggest the wrong pairing);
-    else, for names
-    that differ only in their numbers (Flax ``LayerNorm_0``/``LayerNorm_2`` and ``ln_1``/
-    ``ln_2``), in number order."""
-    ts = sorted(c.targets, key=lambda n: n.order)
+    likely pairing, for the user to confirm, not a decision, and only from evidence the
+    matcher does not trust to decide on its own: word overlap, or numbers alone (Flax
+    ``LayerNorm_0``/``LayerNorm_2`` and ``ln_1``/``ln_2``). Never from order: where order was
+    evidence the matcher used it (two definition orders shown to agree), so a group still tied
+    is one where order failed (torch's ALBERT defines ``full_layer_layer_norm`` before the
+    attention, Flax's after it). With no such evidence the message says which decision is
+    open instead of guessing: a suggestion followed as given must not produce a wrong model."""
     for pairing in (
-        _likely_by_words(c.sources, ts),
-        list(zip(ts, sorted(c.sources, key=lambda n: n.order)[: len(ts)], strict=True))
-        if not order_disagrees
-        else None,
+        _likely_by_words(c.sources, c.targets),
         _by_numbers(c.sources, c.targets),
     ):
         if pairing is None:
@@ -150,9 +152,41 @@ def _checked_hint(c: Conflict, replan: Replan, order_disagrees: bool) -> str:
         pairs = ", ".join(f"{real_path(t)!r} is {real_path(s)!r}" for t, s in pairing)
         cli = " ".join(f"--hint {a}={b}" for a, b in extra)
         return f"if {pairs}: hints={list(extra)!r} (CLI: {cli}) (checked: it resolves this group)"
+    return _open_decision(c, replan)
+
+
+def _open_decision(c: Conflict, replan: Replan) -> str:
+    """No evidence for any pairing: say which decision is open. For a small group, every way to
+    decide it, each checked to resolve the group, as CLI hints for the user to choose from
+    (printed so that no tool mistakes one for a suggestion); for a larger one, the form of the
+    hint. Either way, running both models can settle it."""
+    first = min(c.targets, key=lambda n: n.order)
+    settle = "running both models settles it: adapt(..., check=(their_apply, my_apply, inputs))"
+    if math.perm(len(c.sources), len(c.targets)) <= _MAX_GROUP_TO_TRY:
+        group = {t.path for t in c.targets}
+        options = []
+        for pairing in _assignments(sorted(c.targets, key=lambda n: n.order), c.sources):
+            extra = [
+                (hint_text(t, c.targets), hint_text(s, c.sources)) for t, s in _to_pin(pairing, c)
+            ]
+            again = replan(tuple(extra))
+            if again.bad_hints or any(
+                {t.path for t in k.targets} == group for k in again.result.conflicts
+            ):
+                continue
+            options.append(" ".join(f"--hint {a}={b}" for a, b in extra))
+        if options:
+            listed = "  or  ".join(f"({chr(97 + i)}) {o}" for i, o in enumerate(options))
+            return (
+                f"nothing in names or order says which look-alike {real_path(first)!r} is; "
+                f"{settle}; or choose, only you can tell which is right (each resolves it, "
+                f"checked): {listed}"
+            )
+    sources = ", ".join(repr(hint_text(s, c.sources)) for s in c.sources[:6])
     return (
-        f"no hint found that separates {real_path(ts[0])!r} from its look-alikes; "
-        "pair them with a rules file"
+        f"nothing in names or order says which of {len(c.sources)} look-alikes "
+        f"{real_path(first)!r} is: name it with --hint {hint_text(first, c.targets)}=SOURCE, "
+        f"SOURCE one of {sources}, or pair the group in a rules file; {settle}"
     )
 
 
@@ -179,6 +213,11 @@ def _likely_by_words(ss: list[Node], ts: list[Node]) -> list[tuple[Node, Node]] 
     best.sort(key=lambda x: -x[0])
     if len(best) > 1 and best[0][0] - best[1][0] < 1e-9:
         return None
+    # Each target's own closest source too: a best total can pair a target with a look-alike
+    # (a decoy ``layer_norm.extra_copy`` for ``final_layer_norm``) to gain elsewhere.
+    for t, s in best[0][1]:
+        if any(o is not s and similarity(o, t) >= similarity(s, t) for o in ss):
+            return None
     return best[0][1]
 
 
