@@ -477,6 +477,27 @@ def test_check_decides_by_execution_what_metadata_cannot() -> None:
     np.testing.assert_array_equal(got["blk/attn/kernel"], theirs["blk.attn.weight"].T)
 
 
+def test_plan_with_check_records_what_execution_decided() -> None:
+    """api.plan(check=...) gives a plan (reviewable, saved) for what only execution settles."""
+    theirs = {
+        "blk.input_layernorm.weight": rand(4),
+        "blk.attn.weight": rand(4, 4),
+        "blk.post_attention_layernorm.weight": rand(4),
+        "blk.mlp.weight": rand(4, 4),
+    }
+    shapes = {"blk/norm_a/scale": (4,), "blk/norm_b/scale": (4,)}
+    shapes |= {"blk/attn/kernel": (4, 4), "blk/mlp/kernel": (4, 4)}
+    mine = {k: np.zeros(s, np.float32) for k, s in sorted(shapes.items())}
+    with pytest.raises(MatchError):
+        api.plan(theirs, mine)
+    log: list[str] = []
+    plan = api.plan(theirs, mine, check=(_their_model, _my_model, rand(3, 4)), log=log)
+    by_target = {s.target.name: s for s in plan.steps}
+    assert by_target["blk/norm_b/scale"].sources == ("blk.input_layernorm.weight",)
+    assert by_target["blk/norm_a/scale"].sources == ("blk.post_attention_layernorm.weight",)
+    assert any(line.startswith("decided by execution") for line in log), log
+
+
 def test_check_refuses_when_no_choice_reproduces_the_source() -> None:
     theirs = {"blk.a.weight": rand(4, 4), "blk.b.weight": rand(4, 4)}
     mine = {"blk/x/kernel": np.zeros((4, 4), np.float32), "blk/y/kernel": np.zeros((4, 4))}

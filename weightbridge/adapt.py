@@ -252,6 +252,28 @@ def _adapt_checked(
     return result
 
 
+def hints_by_execution(
+    theirs: Any,
+    mine: Any,
+    check: tuple[Callable[..., Any], Callable[..., Any], Any],
+    hints: Sequence[Hint],
+    **options: Any,
+) -> tuple[tuple[Hint, ...], list[str]]:
+    """The hints that make `adapt` agree with the source model when both are run (`check=`),
+    and what execution decided; for `api.plan(check=...)`, which then plans with them."""
+    from weightbridge.frameworks.check import decide
+
+    their_apply, my_apply, inputs = check
+    args = inputs if isinstance(inputs, tuple) else (inputs,)
+    _, report = decide(
+        lambda h: adapt(theirs, mine, hints=h, **options),
+        lambda converted: my_apply(converted, *args),
+        their_apply(theirs, *args),
+        hints,
+    )
+    return (*hints, *report.hints), report.lines
+
+
 def _cache_path(cache: str | os.PathLike[str]) -> str:
     path = os.fspath(cache)
     if os.path.isabs(path):

@@ -104,6 +104,7 @@ def plan(
     slice_mismatched: bool = False,
     matcher: Matcher | None = None,
     log: list[str] | None = None,
+    check: tuple[Any, Any, Any] | None = None,
 ) -> Plan:
     """Plan a conversion from specs alone (no tensor data is read). See `planner.make_plan`.
 
@@ -115,8 +116,30 @@ def plan(
     given, receives the matcher's notes: what it decided, and why (and which weight file was
     read from a Hugging Face folder). `dtype` casts floating-point tensors; with a target it
     replaces the target's float dtypes (integer and bool tensors keep theirs).
+
+    `check=(their_apply, my_apply, inputs)` decides by running both models what metadata
+    cannot (as in `adapt`): `source` must then hold weights (a dict of arrays, a module, a
+    checkpoint path) and `target` the model's own tree; the hints execution chose are added,
+    and `log` says which decisions were made that way.
     """
     from weightbridge.planning.match import Matcher as AutoMatcher
+
+    if check is not None:
+        from weightbridge.adapt import hints_by_execution
+
+        if target is None:
+            raise PlanError("check= needs a target: the model whose outputs are compared")
+        hints, lines = hints_by_execution(
+            source,
+            target,
+            check,
+            tuple(hints),
+            partial=partial,
+            slice_mismatched=slice_mismatched,
+            rules=rules,
+        )
+        if log is not None:
+            log += lines  # "decided by execution (N combination(s) run): ..."
     from weightbridge.planning.planner import make_plan
 
     if log is not None:
