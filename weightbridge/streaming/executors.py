@@ -13,16 +13,17 @@ import multiprocessing
 import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import Executor, Future, ProcessPoolExecutor, as_completed
+from concurrent.futures import BrokenExecutor, Executor, Future, ProcessPoolExecutor, as_completed
 from typing import Any, Protocol, TypeVar
 
-from weightbridge.errors import ConversionError
+from weightbridge.errors import ConversionError, WeightbridgeError
 
 T = TypeVar("T")
 R = TypeVar("R")
 
-# Per-task retries on Dask when none are given: a worker that dies (OOM kill, lost node)
-# takes its tasks with it; a task is a whole shard, cheap to redo, so retry a few times.
+# Per-task retries when none are given: a worker that dies (OOM kill, lost node) takes its
+# tasks with it; a task is a whole shard, cheap to redo (and byte-identical), so retry a few
+# times (Dask retries on another worker; a process pool of ours is remade).
 DEFAULT_RETRIES = 3
 
 _FORMS = (
@@ -43,18 +44,56 @@ class TaskRunner(Protocol):
 
 
 class FuturesRunner:
-    """A `concurrent.futures.Executor` (threads, processes, or anything with `submit`)."""
+    """A `concurrent.futures.Executor` (threads, processes, or anything with `submit`).
 
-    def __init__(self, executor: Executor, *, owned: bool) -> None:
-        self.executor, self.owned = executor, owned
+    A failed task is submitted again, up to `retries` times. A process pool whose worker died
+    (killed for memory, say) is broken for every task in it: when the pool is ours, a new one
+    is made and the tasks that had not finished run there; a pool we were given cannot be
+    remade, and its failure is raised.
+    """
+
+    def __init__(
+        self,
+        executor: Executor,
+        *,
+        owned: bool,
+        retries: int = 0,
+        remake: Callable[[], Executor] | None = None,
+    ) -> None:
+        self.executor, self.owned, self.retries, self.remake = executor, owned, retries, remake
 
     def run(self, fn: Callable[[T], R], tasks: Sequence[T]) -> Iterator[tuple[int, R]]:
+        tries = dict.fromkeys(range(len(tasks)), 0)
         futures: dict[Future[R], int] = {
             self.executor.submit(fn, t): i for i, t in enumerate(tasks)
         }
         try:
-            for future in as_completed(futures):
-                yield futures[future], future.result()
+            while futures:
+                future = next(as_completed(futures))
+                i = futures.pop(future)
+                try:
+                    result = future.result()
+                except BrokenExecutor:
+                    if self.remake is None or tries[i] >= self.retries:
+                        raise
+                    # Every task still in the broken pool fails too: run them all again.
+                    pending = [i, *futures.values()]
+                    futures.clear()
+                    self.executor.shutdown(wait=True, cancel_futures=True)
+                    self.executor = self.remake()
+                    for j in pending:
+                        tries[j] += 1
+                        futures[self.executor.submit(fn, tasks[j])] = j
+                    continue
+                except WeightbridgeError:
+                    raise  # bad input or a refusal: the same again on any worker
+                except Exception:
+                    if tries[i] >= self.retries:
+                        raise
+                    tries[i] += 1
+                    futures[self.executor.submit(fn, tasks[i])] = i
+                    continue
+                yield i, result
         finally:
             for future in futures:
                 future.cancel()
@@ -103,21 +142,22 @@ def runner_for(executor: object, *, retries: int | None = None) -> TaskRunner:
         executor: ``"processes"`` or ``"processes:N"`` (a process pool on this machine),
             ``"dask://HOST:PORT"`` or ``"dask"`` (the scheduler in ``DASK_SCHEDULER_ADDRESS``),
             a `concurrent.futures.Executor`, or a `dask.distributed.Client`.
-        retries: per-task retries on Dask (default `DEFAULT_RETRIES`).
+        retries: per-task retries (default `DEFAULT_RETRIES`), on every engine.
 
     Raises:
         ConversionError: an executor this does not know, or Dask asked for but not installed.
     """
     tries = DEFAULT_RETRIES if retries is None else retries
     if isinstance(executor, Executor):
-        return FuturesRunner(executor, owned=False)
+        return FuturesRunner(executor, owned=False, retries=tries)
     distributed = sys.modules.get("distributed")  # a Client exists only if this is imported
     if distributed is not None and isinstance(executor, distributed.Client):
         return DaskRunner(executor, owned=False, retries=tries)
     if isinstance(executor, str):
         kind, _, arg = executor.partition(":")
         if kind == "processes":
-            return FuturesRunner(_process_pool(arg), owned=True)
+            pool = _process_pool(arg)
+            return FuturesRunner(pool, owned=True, retries=tries, remake=lambda: _process_pool(arg))
         if executor == "dask" or executor.startswith("dask://"):
             address = executor[len("dask://") :] if executor != "dask" else ""
             if not address:
