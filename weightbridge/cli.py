@@ -404,7 +404,11 @@ def build_parser() -> argparse.ArgumentParser:
             metavar="PATTERN=REPLACEMENT",
             help="rename source tensors (regex, \\1 back-references; repeatable)",
         )
-        s.add_argument("--rules", help="rules file (JSON or YAML) with renames")
+        s.add_argument(
+            "--rules",
+            help="rules file (JSON or YAML) with renames and transforms, or the name of one "
+            "shipped with weightbridge (keras_resnet_to_torchvision)",
+        )
         s.add_argument(
             "--hint",
             action="append",

@@ -44,8 +44,40 @@ def _check_size(obj: Any, path: str) -> None:
             stack.extend(value)
 
 
-def load_rules_file(path: str | os.PathLike[str]) -> dict[str, Any]:
+# Rules files shipped with weightbridge (`weightbridge/rules/NAME.json`), for pairs of
+# implementations whose names need more than the matcher can prove (numbering that starts at 1
+# on one side, a shortcut named block1_0): `--rules NAME` picks one.
+BUNDLED_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "rules")
+
+
+def bundled_rules() -> list[str]:
+    """Names of the rules files shipped with weightbridge."""
+    try:
+        names = os.listdir(BUNDLED_DIR)
+    except OSError:
+        return []
+    return sorted(n.removesuffix(".json") for n in names if n.endswith(".json"))
+
+
+def resolve_rules_path(path: str | os.PathLike[str]) -> str:
+    """A rules file's path: the file itself, else the bundled rules of that name.
+
+    >>> os.path.basename(resolve_rules_path("keras_resnet_to_torchvision"))
+    'keras_resnet_to_torchvision.json'
+    """
     path = os.fspath(path)
+    if os.path.exists(path) or os.sep in path or "/" in path:
+        return path
+    if path in bundled_rules():
+        return os.path.join(BUNDLED_DIR, path + ".json")
+    raise RuleError(
+        f"{path}: no such rules file, nor rules of that name shipped with weightbridge "
+        f"(shipped: {', '.join(bundled_rules()) or 'none'})"
+    )
+
+
+def load_rules_file(path: str | os.PathLike[str]) -> dict[str, Any]:
+    path = resolve_rules_path(path)
     try:
         with open(path, encoding="utf-8") as f:
             text = f.read()
