@@ -9,9 +9,29 @@ the child's baseline (interpreter and weightbridge imported) and the bound basel
 tensor + 256 MB; then reads the result back through weightbridge and checks every tensor
 (``weightbridge verify``). Nothing here asserts on timings.
 
-    python scripts/bench_s3_memory.py --size 1GB
+Byte-format shards go by multipart upload through obstore (``weightbridge[cloud]``); the script
+prints how many objects were written and in how many parts (from their ETags), and the rate of
+a bare upload of one shard-sized file (``_obstore.upload_file``, in a child process) to tell
+moto's speed from the converter's. ``--tensorstore`` hides obstore from the converter: shards
+then go by tensorstore's single PUT, capped at 64 MiB.
+
+    python scripts/bench_s3_memory.py --size 1GB --max-shard-size 256MB
+    python scripts/bench_s3_memory.py --size 1GB --tensorstore  # without obstore: 64 MiB shards
     python scripts/bench_s3_memory.py --size 1GB --before   # as before the 64 MiB cap
     python scripts/bench_s3_memory.py --size 1GB --format npz
+
+Measured on the 2-core test VM, 982 MB checkpoint (largest tensor 131 MB), moto in the bench
+process and the converter in a child. moto is the bottleneck: it runs in Python, keeps every
+part in memory and joins them on completion, so the bare upload is no faster than the
+conversion; the figures say nothing of real S3's speed.
+
+    --max-shard-size 256MB  4 objects of 234-252 MB, 14-16 parts each: 17.8-21.4 s
+                            (46-55 MB/s), peak RssAnon 59 MB (baseline 29 MB, bound 410 MB);
+                            bare upload of one 252 MB file 68-78 MB/s
+    --max-shard-size 5GB    1 object of 982 MB, 59 parts: 30.8 s (32 MB/s), peak RssAnon 59 MB;
+                            bare upload of the 982 MB file 38 MB/s
+    --tensorstore           16 objects of 23-131 MB, one PUT each: 17.0 s (58 MB/s),
+                            peak RssAnon 157 MB
 """
 
 from __future__ import annotations
@@ -52,6 +72,24 @@ BEFORE = (
     "sys.exit(weightbridge.cli.main(sys.argv[1:]))\n"
 )
 
+# --tensorstore: the converter without obstore (as if the cloud extra were not installed).
+NO_OBSTORE = (
+    "import sys\n"
+    "sys.modules['obstore'] = None\n"
+    "import weightbridge.cli\n"
+    "sys.exit(weightbridge.cli.main(sys.argv[1:]))\n"
+)
+
+# A bare multipart upload of one local file: moto's own rate, without the converter.
+UPLOAD = (
+    "import sys, time\n"
+    "from weightbridge.io import _obstore\n"
+    "store = _obstore.open_store(sys.argv[1], endpoint=sys.argv[2])\n"
+    "started = time.perf_counter()\n"
+    "size = _obstore.upload_file(store, sys.argv[3], sys.argv[4], url=sys.argv[1])\n"
+    "print(size, time.perf_counter() - started)\n"
+)
+
 BASELINE = (
     "import weightbridge.api, weightbridge.cli, weightbridge.io, weightbridge.io.zarr\n"
     "import weightbridge.streaming.dest.object_store\n"
@@ -88,6 +126,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dir", help="work directory (default: a new one under /tmp)")
     ap.add_argument("--keep", action="store_true", help="keep the work directory")
     ap.add_argument("--no-verify", action="store_true", help="skip reading the result back")
+    ap.add_argument(
+        "--tensorstore",
+        action="store_true",
+        help="hide obstore from the converter: tensorstore's single PUT, 64 MiB shards",
+    )
     ap.add_argument(
         "--before",
         action="store_true",
@@ -130,7 +173,9 @@ def bench(work: str, endpoint: str, args: argparse.Namespace) -> int:
     baseline = int(out.stdout.split()[-1])
 
     dest = f"s3://{BUCKET}/run"
-    entry = ["-c", BEFORE] if args.before else ["-m", "weightbridge"]
+    entry = ["-m", "weightbridge"]
+    if args.before or args.tensorstore:
+        entry = ["-c", BEFORE if args.before else NO_OBSTORE]
     cmd = [sys.executable, *entry, "convert", src, "-o", dest]
     cmd += ["--endpoint", endpoint, "--from", "pytorch", "--to", "flax", "-q"]
     cmd += ["--format", args.format, "--max-shard-size", args.max_shard_size]
@@ -141,6 +186,7 @@ def bench(work: str, endpoint: str, args: argparse.Namespace) -> int:
     print(
         f"endpoint {endpoint}, format {args.format}, --max-shard-size {args.max_shard_size}"
         + (" (--before: no cap, one bytes PUT per shard)" if args.before else "")
+        + (" (--tensorstore: no obstore, one PUT per shard)" if args.tensorstore else "")
     )
     print(f"{'seconds':>8} {'MB/s':>7} {'peak RssAnon MB':>16} {'baseline MB':>12} {'bound MB':>9}")
     print(
@@ -152,6 +198,21 @@ def bench(work: str, endpoint: str, args: argparse.Namespace) -> int:
         f"(largest tensor + 256 MB): {(largest + MEMORY_SLACK) / MB:.0f} MB -> "
         f"{'PASS' if run.peak_rss_anon <= bound else 'FAIL'}"
     )
+    objects = _objects(endpoint)
+    shards = {k: v for k, v in objects.items() if not k.startswith(".") and "/" not in k}
+    shards = {k: v for k, v in shards.items() if not k.endswith(".json")}
+    if shards:
+        parts = [v[1] for v in shards.values()]
+        print(
+            f"{len(shards)} shard objects, {min(v[0] for v in shards.values()) / 1e6:.0f}-"
+            f"{max(v[0] for v in shards.values()) / 1e6:.0f} MB, "
+            + (
+                f"multipart: {min(parts)}-{max(parts)} parts each"
+                if all(parts)
+                else f"{parts.count(0)} by single PUT"
+            )
+        )
+        upload_rate(work, endpoint, max(v[0] for v in shards.values()))
     if not args.no_verify:
         t0 = time.perf_counter()
         check = [sys.executable, "-m", "weightbridge", "verify", src, dest]
@@ -164,6 +225,47 @@ def bench(work: str, endpoint: str, args: argparse.Namespace) -> int:
             f"({time.perf_counter() - t0:.1f} s)"
         )
     return 0
+
+
+def _objects(endpoint: str) -> dict[str, tuple[int, int]]:
+    """(size, parts) of every object under s3://BUCKET/run/ (parts 0: a single PUT)."""
+    import re
+    from xml.etree import ElementTree
+
+    url = f"{endpoint}/{BUCKET}?list-type=2&prefix=run/"
+    with urllib.request.urlopen(url, timeout=30) as r:  # moto does not check signatures
+        root = ElementTree.fromstring(r.read())
+    ns = {"s": root.tag.split("}")[0].strip("{")} if root.tag.startswith("{") else {}
+    out = {}
+    for item in root.findall("s:Contents" if ns else "Contents", ns):
+        key = item.findtext("s:Key" if ns else "Key", "", ns)[len("run/") :]
+        etag = item.findtext("s:ETag" if ns else "ETag", "", ns)
+        size = int(item.findtext("s:Size" if ns else "Size", "0", ns))
+        m = re.search(r"-(\d+)", etag)
+        out[key] = (size, int(m.group(1)) if m else 0)
+    return out
+
+
+def upload_rate(work: str, endpoint: str, size: int) -> None:
+    """Time a bare multipart upload of a `size`-byte file (no conversion) in a child process."""
+    path = os.path.join(work, "upload.bin")
+    with open(path, "wb") as f:
+        for _ in range(0, size, 64 * MB):
+            f.write(os.urandom(min(64 * MB, size - f.tell())))
+    try:
+        out = subprocess.run(
+            [sys.executable, "-c", UPLOAD, f"s3://{BUCKET}", endpoint, "upload/bin", path],
+            check=True,
+            capture_output=True,
+            text=True,
+        )
+        nbytes, seconds = out.stdout.split()
+        print(
+            f"bare upload of one {int(nbytes) / 1e6:.0f} MB file (obstore multipart, no "
+            f"conversion): {float(seconds):.2f} s, {int(nbytes) / float(seconds) / 1e6:.0f} MB/s"
+        )
+    finally:
+        os.remove(path)
 
 
 if __name__ == "__main__":

@@ -512,11 +512,10 @@ def _objects(client: Any, prefix: str) -> dict[str, bytes]:
 
 
 def _journal_shards(client: Any, prefix: str) -> int:
-    try:
-        body = client.get_object(Bucket=BUCKET, Key=f"{prefix}/.weightbridge-journal.json")["Body"]
-    except client.exceptions.NoSuchKey:
-        return 0
-    return len(json.loads(body.read()).get("shards", {}))
+    """Shards committed and recorded: each has its own record (the journal is written at the
+    start and the end of a conversion only)."""
+    listed = client.list_objects_v2(Bucket=BUCKET, Prefix=f"{prefix}/.weightbridge/committed/")
+    return int(listed.get("KeyCount", 0))
 
 
 def _s3_dest(endpoint: str, prefix: str) -> TensorstoreDestination:

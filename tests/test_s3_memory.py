@@ -1,4 +1,6 @@
-"""The memory bound holds for byte-format output to an object store (moto's S3 on 127.0.0.1).
+"""The memory bound holds for byte-format output to an object store (moto's S3 on 127.0.0.1)
+when tensorstore uploads it: without obstore (the ``cloud`` extra; these tests hide it), which
+uploads shards of any size by multipart upload (tests/test_s3_multipart.py).
 
 tensorstore uploads a value only whole, from memory (one PUT, no multipart upload), so a
 safetensors shard passes through memory when it is committed to S3. The destination caps such
@@ -28,6 +30,7 @@ from safetensors.numpy import save_file
 from test_io_tensorstore import BUCKET, s3  # noqa: F401  (s3 is a fixture)
 from test_memory_bound import MB, SLACK, baseline_code, random_array, run_capped
 
+import weightbridge.io._obstore as wob
 import weightbridge.streaming.dest.object_store as wts
 from weightbridge import api
 from weightbridge.errors import ConversionError
@@ -51,6 +54,7 @@ RENAMES = [r"^layers\.(\d+)\.=layers_\1/"]
 CONVERT = textwrap.dedent(
     """
     import sys
+    sys.modules["obstore"] = None  # as if not installed: tensorstore uploads the shards
     import numpy
     import weightbridge.api
     report = weightbridge.api.convert(
@@ -162,7 +166,10 @@ def test_s3_conversion_stays_within_largest_tensor_plus_256mb(tmp_path: Any, s3:
     assert api.verify(src, TensorstoreDestination(dest, endpoint=endpoint)) == len(TENSORS)
 
 
-def test_max_object_size_caps_byte_formats_in_object_stores_only() -> None:
+def test_max_object_size_caps_byte_formats_in_object_stores_only(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(wob, "obstore_available", lambda: False)
     s3_dest = TensorstoreDestination("s3://bucket/x", endpoint="http://127.0.0.1:1")
     for fmt in ("safetensors", "npz", "h5", "torch"):
         assert s3_dest.max_object_size(fmt) == MAX_OBJECT_BYTES
@@ -181,6 +188,7 @@ def test_s3_shard_over_the_single_put_limit_is_refused_before_it_is_written(
     src = str(tmp_path / "w.safetensors")
     save_file({"w": np.ones((64, 64), np.float32)}, src)
     monkeypatch.setattr(wts, "S3_MAX_PUT_BYTES", 1000)
+    monkeypatch.setattr(wob, "obstore_available", lambda: False)
     with pytest.raises(ConversionError, match=r"one PUT.*--format zarr or orbax"):
         api.convert(src, TensorstoreDestination(f"s3://{BUCKET}/toolarge", endpoint=endpoint))
     listed = client.list_objects_v2(Bucket=BUCKET, Prefix="toolarge/model")

@@ -8,9 +8,10 @@ a torch module/state dict or a jax pytree. Only specs are taken from targets.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
-from collections.abc import Iterator, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, overload
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar, overload
 
 from weightbridge import io as wio
 from weightbridge._files import atomic_write_json
@@ -33,6 +34,39 @@ if TYPE_CHECKING:
 MINE = "mine:"
 
 PLAN_FILE = ".weightbridge-plan.json"
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+def _object_store_options(fn: Callable[_P, _R]) -> Callable[_P, _R]:
+    """Run `fn` with its ``endpoint=`` and ``aws_region=`` applying to every object URL it reads
+    (sources, targets), through `weightbridge.io.remote_options`."""
+
+    @functools.wraps(fn)
+    def run(*args: _P.args, **kwargs: _P.kwargs) -> _R:
+        endpoint, region = kwargs.get("endpoint"), kwargs.get("aws_region")
+        with wio.remote_options(
+            endpoint=endpoint if isinstance(endpoint, str) else None,
+            aws_region=region if isinstance(region, str) else None,
+        ):
+            return fn(*args, **kwargs)
+
+    return run
+
+
+def _dest_options_with(
+    dest_options: dict[str, Any] | None, endpoint: str | None, aws_region: str | None
+) -> dict[str, Any] | None:
+    """`dest_options`, with the sources' `endpoint` and `aws_region` where it sets none.
+
+    >>> _dest_options_with({"step": 3}, "http://127.0.0.1:9000", None)
+    {'endpoint': 'http://127.0.0.1:9000', 'step': 3}
+    """
+    given = {"endpoint": endpoint, "aws_region": aws_region}
+    if not any(given.values()):
+        return dest_options
+    return {**{k: v for k, v in given.items() if v}, **(dest_options or {})}
 
 
 def spec_of(obj: Any) -> CheckpointSpec:
@@ -77,8 +111,15 @@ def _leaf_spec(name: str, leaf: Any) -> TensorSpec:
     raise SpecError(f"leaf {name!r} is a {type(leaf).__name__}, not an array or shape/dtype struct")
 
 
-def inspect(path: str | os.PathLike[str]) -> CheckpointSpec:
+@_object_store_options
+def inspect(
+    path: str | os.PathLike[str], *, endpoint: str | None = None, aws_region: str | None = None
+) -> CheckpointSpec:
     """Specs of a checkpoint, from its headers alone.
+
+    `path` may be an object URL (``s3://bucket/ckpt/``, ``gs://``, ``https://``): only its
+    headers are fetched, by ranged reads. `endpoint` (an S3-compatible server) and
+    `aws_region` apply to every object URL read (default: from the environment).
 
     >>> import tempfile, numpy as np
     >>> from weightbridge.io import write_checkpoint
@@ -90,6 +131,7 @@ def inspect(path: str | os.PathLike[str]) -> CheckpointSpec:
     return spec_of(path)
 
 
+@_object_store_options
 def plan(
     source: Any,
     target: Any = None,
@@ -105,6 +147,8 @@ def plan(
     matcher: Matcher | None = None,
     log: list[str] | None = None,
     check: tuple[Any, Any, Any] | None = None,
+    endpoint: str | None = None,
+    aws_region: str | None = None,
 ) -> Plan:
     """Plan a conversion from specs alone (no tensor data is read). See `planner.make_plan`.
 
@@ -115,7 +159,8 @@ def plan(
     same-named tensors whose shapes differ (a 1000-class head into 10 classes). `log`, when
     given, receives the matcher's notes: what it decided, and why (and which weight file was
     read from a Hugging Face folder). `dtype` casts floating-point tensors; with a target it
-    replaces the target's float dtypes (integer and bool tensors keep theirs).
+    replaces the target's float dtypes (integer and bool tensors keep theirs). `endpoint` and
+    `aws_region` apply to a source or target given as an object URL (see `inspect`).
 
     `check=(their_apply, my_apply, inputs)` decides by running both models what metadata
     cannot (as in `adapt`): `source` must then hold weights (a dict of arrays, a module, a
@@ -205,6 +250,7 @@ def convert(
 ) -> BatchReport: ...
 
 
+@_object_store_options
 def convert(
     source: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
     dest: str | os.PathLike[str] | Destination,
@@ -220,6 +266,8 @@ def convert(
     executor: object = None,
     retries: int | None = None,
     partition: tuple[int, int] | None = None,
+    endpoint: str | None = None,
+    aws_region: str | None = None,
     **planning: Any,
 ) -> ConversionReport | BatchReport:
     """Plan (unless a plan is given) and stream `source` into the directory `dest`.
@@ -242,7 +290,13 @@ def convert(
     needs ``pip install 'weightbridge[dask]'``); `retries` is per task (Dask). `partition=(I, N)`
     converts only the I-th of N byte-balanced shares of the shards, so N runs (SLURM/Kubernetes
     array jobs) can write into one `dest` at once; a plain run afterwards writes the indexes.
+
+    The source may be an object URL (``s3://bucket/ckpt/``): its headers are fetched for
+    planning, then each tensor's byte range once. `endpoint` and `aws_region` apply to it (and
+    to `dest` where `dest_options` sets none). With other executors than threads, an object
+    URL source is not read yet.
     """
+    dest_options = _dest_options_with(dest_options, endpoint, aws_region)
     if not isinstance(source, (str, os.PathLike)):
         return _convert_batch(
             list(source),
@@ -417,6 +471,7 @@ def _what(target: Any) -> str:
     return f"a {type(target).__name__}"
 
 
+@_object_store_options
 def verify(
     source: str | os.PathLike[str],
     dest: str | os.PathLike[str] | Destination,
@@ -425,13 +480,17 @@ def verify(
     target: Any = None,
     format: str | None = None,
     dest_options: dict[str, Any] | None = None,
+    endpoint: str | None = None,
+    aws_region: str | None = None,
 ) -> int:
     """Recompute every output tensor from the source and compare; returns how many were checked.
 
     `plan` defaults to the one `convert` saved in `dest`. When it keeps some of the target's own
     values (partial loading), pass the same `target` checkpoint `convert` was given: they are
-    compared too (``weightbridge verify SRC DEST --like TARGET``).
+    compared too (``weightbridge verify SRC DEST --like TARGET``). `endpoint` and `aws_region`
+    apply to object URLs, as in `convert`.
     """
+    dest_options = _dest_options_with(dest_options, endpoint, aws_region)
     if plan is None:
         out = destination_for(dest, format=format, **(dest_options or {}))
         saved = out.read_json(PLAN_FILE)

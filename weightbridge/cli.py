@@ -339,13 +339,18 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _remote_options(s: argparse.ArgumentParser) -> None:
+def _source_options(s: argparse.ArgumentParser) -> None:
+    """--endpoint and --aws-region: where s3:// URLs are read (sources, targets) and written."""
     s.add_argument(
         "--endpoint",
-        help="S3-compatible endpoint URL for s3:// destinations (default: "
-        "$WEIGHTBRIDGE_S3_ENDPOINT, else AWS)",
+        help="S3-compatible endpoint URL for every s3:// path of the command, sources and "
+        "destinations (default: $WEIGHTBRIDGE_S3_ENDPOINT, else AWS)",
     )
-    s.add_argument("--aws-region", help="region for s3:// destinations")
+    s.add_argument("--aws-region", help="region for s3:// paths")
+
+
+def _remote_options(s: argparse.ArgumentParser) -> None:
+    _source_options(s)
     s.add_argument(
         "--step",
         type=int,
@@ -365,11 +370,13 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("inspect", help="list a checkpoint's tensors (headers only)")
     s.add_argument("path", help=_PATH_HELP)
     s.add_argument("--json", action="store_true", help="print the spec JSON instead of a table")
+    _source_options(s)
     s.set_defaults(func=cmd_inspect)
 
     s = sub.add_parser("spec", help="write the target spec (names, shapes, dtypes) of a checkpoint")
     s.add_argument("path", help=_PATH_HELP)
     s.add_argument("-o", "--output", help="spec file to write (default: print it)")
+    _source_options(s)
     s.set_defaults(func=cmd_spec)
 
     def planning(s: argparse.ArgumentParser, many: bool = False) -> None:
@@ -441,6 +448,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     planning(s)
     s.add_argument("-o", "--output", help="save the plan JSON here")
+    _source_options(s)
     s.set_defaults(func=cmd_plan)
 
     s = sub.add_parser("convert", help="stream a checkpoint (or a batch) into a new layout")
@@ -451,7 +459,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="where output shards are made: threads (default, this process), processes[:N], "
         "dask://HOST:PORT, or dask ($DASK_SCHEDULER_ADDRESS; pip install 'weightbridge[dask]')",
     )
-    s.add_argument("--retries", type=int, help="retries per shard task (dask)")
+    s.add_argument(
+        "--retries",
+        type=int,
+        help="retries per shard task when a worker fails or dies (processes, dask; default 3)",
+    )
     s.add_argument(
         "--partition",
         metavar="I/N",
@@ -520,6 +532,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--atol", type=_tolerance, default=0.0, help="absolute tolerance (default 0)")
     s.add_argument("--json", action="store_true", help="print the report as JSON")
+    _source_options(s)
     s.set_defaults(func=cmd_diff)
 
     s = sub.add_parser("demo", help="build a small checkpoint, convert it, verify it")
@@ -534,7 +547,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit code (2: an error, 130: interrupted)."""
     try:
         args = build_parser().parse_args(argv)
-        code: int = args.func(args)
+        code: int = _run(args)
         sys.stdout.flush()  # a closed pipe shows here, not at exit
         return code
     except WeightbridgeError as e:
@@ -549,6 +562,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         # tool killed by SIGPIPE has. Python would flush stdout again at exit and complain.
         _quiet_stdout()
         return 128 + signal.SIGPIPE
+
+
+def _run(args: argparse.Namespace) -> int:
+    """Run the command, its --endpoint/--aws-region applying to every object URL it reads."""
+    endpoint, region = getattr(args, "endpoint", None), getattr(args, "aws_region", None)
+    if not (endpoint or region):
+        result: int = args.func(args)
+        return result
+    from weightbridge.io import remote_options
+
+    with remote_options(endpoint=endpoint, aws_region=region):
+        result = args.func(args)
+    return result
 
 
 def _is_convert(argv: Sequence[str] | None) -> bool:

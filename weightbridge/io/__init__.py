@@ -12,13 +12,15 @@ from __future__ import annotations
 import importlib
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from types import ModuleType
 from typing import TYPE_CHECKING, Any, cast
 
 from weightbridge._files import is_remote_url
 from weightbridge.errors import UnknownFormatError
+from weightbridge.io._obstore import is_object_url
+from weightbridge.io._remote import remote_options
 from weightbridge.io.base import (
     ByteRange,
     FormatModule,
@@ -40,6 +42,7 @@ __all__ = [
     "detect_format",
     "open_reader",
     "register_format",
+    "remote_options",
     "weights_path",
     "write_checkpoint",
     "writer_class",
@@ -194,15 +197,20 @@ def detect_format(path: str | os.PathLike[str]) -> str:
         UnknownFormatError: nothing recognises the path; the message lists the known formats.
     """
     path = os.fspath(path)
-    if is_remote_url(path):  # object stores and memory: tensorstore
+    remote_dir = False
+    if is_object_url(path):  # s3://, gs://, https://: read in place by ranged reads
+        path = weights_path(path)
+        head, remote_dir = _remote_head(path)
+    elif is_remote_url(path):  # memory://: tensorstore
         return "tensorstore"
-    if not os.path.exists(path) and not os.path.exists(path + ".index"):  # a bare TF prefix
-        raise UnknownFormatError(f"{path}: no such file or directory")
-    path = weights_path(path)
-    head = b""
-    if os.path.isfile(path):
-        with open(path, "rb") as f:
-            head = f.read(_HEAD_BYTES)
+    else:
+        if not os.path.exists(path) and not os.path.exists(path + ".index"):  # a bare TF prefix
+            raise UnknownFormatError(f"{path}: no such file or directory")
+        path = weights_path(path)
+        head = b""
+        if os.path.isfile(path):
+            with open(path, "rb") as f:
+                head = f.read(_HEAD_BYTES)
     matches: list[str] = []
     unavailable: list[str] = []
     for name in FORMATS:
@@ -222,6 +230,8 @@ def detect_format(path: str | os.PathLike[str]) -> str:
     if len(matches) > 1:
         by_suffix = [m for m in matches if path.endswith(tuple(_module(m).SUFFIXES))]
         matches = by_suffix or matches
+    if not matches and remote_dir:  # zarr arrays, orbax checkpoints: tensorstore reads them
+        return "tensorstore"
     if not matches and os.path.isdir(path):
         raise UnknownFormatError(_unknown_directory(path, unavailable))
     if not matches:
@@ -235,14 +245,36 @@ def detect_format(path: str | os.PathLike[str]) -> str:
     return matches[0]
 
 
+def _remote_head(url: str) -> tuple[bytes, bool]:
+    """(first bytes, is a directory) of an object URL, for detection.
+
+    Raises:
+        UnknownFormatError: nothing there, neither an object nor objects under it as a prefix.
+    """
+    from weightbridge.io import _remote
+
+    kind = _remote.probe(url)
+    if kind is None:
+        raise UnknownFormatError(
+            f"{url}: no such object, and no objects under it as a prefix (endpoint: "
+            f"{_remote.current_options().endpoint or 'from the environment'})"
+        )
+    if kind == "dir":
+        return b"", True
+    return _remote.head_bytes(url, _HEAD_BYTES), False
+
+
 def weights_path(path: str) -> str:
     """The file a directory stands for, or `path` itself.
 
     A Hugging Face folder stands for its preferred weight file (`hf_folder.choose_weights`;
     the choice is logged when the folder holds anything else), and a directory holding one
     checkpoint file and no index for that file; anything else (an index directory, zarr,
-    orbax, TensorFlow, DCP) is left to detection.
+    orbax, TensorFlow, DCP) is left to detection. An object-store prefix (``s3://b/ckpt/``)
+    is a directory too.
     """
+    if is_object_url(path):
+        return _remote_weights_path(path)
     if is_remote_url(path) or not os.path.isdir(path):
         return path
     from weightbridge.io.hf_folder import choose_weights
@@ -256,6 +288,28 @@ def weights_path(path: str) -> str:
         return path
     files = _visible_files(path)
     return os.path.join(path, files[0]) if len(files) == 1 else path
+
+
+def _remote_weights_path(url: str) -> str:
+    """`weights_path` for an object URL: a prefix is listed (one request) like a directory."""
+    from weightbridge.io import _remote
+    from weightbridge.io.hf_folder import choose_weights
+
+    if _remote.probe(url) != "dir":
+        return url
+    choice = choose_weights(url)
+    if choice is not None:
+        if choice.others or choice.extra:
+            _log.info("%s", choice.describe())
+        return choice.path
+    from weightbridge.io.zarr import _MARKERS, ORBAX_CHECKPOINT_METADATA
+
+    listing = _remote.list_directory(url)
+    markers = {*_MARKERS, ORBAX_CHECKPOINT_METADATA}  # zarr/orbax: tensorstore reads the prefix
+    if any(e.endswith(".index.json") or e in markers for e in listing.files):
+        return url
+    files = [e for e in listing.files if not e.startswith(".")]
+    return _remote.join(url, files[0]) if len(files) == 1 and not listing.dirs else url
 
 
 def _visible_files(path: str) -> list[str]:
@@ -289,6 +343,13 @@ def open_reader(path: str | os.PathLike[str], format: str | None = None) -> Read
     """
     path = weights_path(os.fspath(path))
     name = format or detect_format(path)
+    if name == "tensorstore" and is_remote_url(path):
+        from weightbridge.io._remote import current_options
+
+        options = current_options()  # the endpoint of `remote_options`, as for byte formats
+        given = {"endpoint": options.endpoint, "aws_region": options.aws_region}
+        opener = cast(Callable[..., Reader], _module(name).open_reader)  # takes **options
+        return opener(path, **{k: v for k, v in given.items() if v is not None})
     return _module(name).open_reader(path)
 
 

@@ -16,18 +16,20 @@ journal belong to `weightbridge.streaming`, not here.
 
 from __future__ import annotations
 
+import contextlib
 import mmap
 import os
 import struct
 import zipfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import IO, TYPE_CHECKING, Any, Protocol, runtime_checkable
+from typing import IO, TYPE_CHECKING, Any, Protocol, cast, runtime_checkable
 
 import numpy as np
 
 from weightbridge import dtypes
 from weightbridge.errors import FormatError
+from weightbridge.io._obstore import is_object_url
 from weightbridge.spec import CheckpointSpec, TensorSpec
 
 if TYPE_CHECKING:
@@ -160,7 +162,7 @@ class BaseReader:
 
     def _mapped(self) -> MappedFile:
         if self._file is None:
-            self._file = MappedFile(self.path)
+            self._file = map_source(self.path)
         return self._file
 
     def read(self, name: str) -> np.ndarray:  # pragma: no cover - abstract
@@ -252,6 +254,97 @@ class MappedFile:
             except BufferError:  # a caller still holds a view; the GC closes it later
                 pass
             self._mm = None
+
+
+# -- sources: a local path or an object URL --------------------------------------------------
+# Readers open their files through these, so one reader reads a local file (memory-mapped) or an
+# object in s3://, gs://, https:// (ranged reads, `weightbridge.io._remote`) alike.
+
+
+class Sliceable(Protocol):
+    """A whole file as a read-only buffer: ``len(buf)`` and ``buf[a:b]`` (bytes)."""
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, index: slice, /) -> bytes: ...
+
+
+def source_size(path: str) -> int:
+    """Bytes in a local file or an object (asks the store once; see `_remote.remote_object`)."""
+    if is_object_url(path):
+        from weightbridge.io._remote import remote_object
+
+        return remote_object(path).size
+    return os.stat(path).st_size
+
+
+def source_isfile(path: str) -> bool:
+    """Whether a local file or an object exists at `path`."""
+    if is_object_url(path):
+        from weightbridge.io._remote import MissingObject, remote_object
+
+        try:
+            remote_object(path)
+        except MissingObject:
+            return False
+        return True
+    return os.path.isfile(path)
+
+
+def open_source(path: str) -> IO[bytes]:
+    """A binary file object reading `path`: a local file, or an object by ranged reads."""
+    if is_object_url(path):
+        from weightbridge.io._remote import RemoteFile
+
+        return cast(IO[bytes], RemoteFile(path))
+    return open(path, "rb")  # the caller closes it
+
+
+def open_zip(path: str) -> zipfile.ZipFile:
+    """A zip archive at a local path or an object URL (its directory read by ranged reads)."""
+    if is_object_url(path):
+        from weightbridge.io._remote import RemoteFile
+
+        return zipfile.ZipFile(cast(IO[bytes], RemoteFile(path)))
+    return zipfile.ZipFile(path)
+
+
+def map_source(path: str) -> MappedFile:
+    """A `MappedFile` of a local file, or its counterpart for an object (each tensor fetched
+    by one ranged read when asked for)."""
+    if is_object_url(path):
+        from weightbridge.io._remote import RemoteMappedFile
+
+        return RemoteMappedFile(path)
+    return MappedFile(path)
+
+
+@contextlib.contextmanager
+def source_buffer(path: str) -> Iterator[Sliceable]:
+    """The whole of `path` as a sliceable buffer: a memory map of a local file, or an object
+    whose slices are fetched on demand. For parsers that slice a file (GGUF, msgpack)."""
+    if is_object_url(path):
+        from weightbridge.io._remote import RemoteBuffer
+
+        remote = RemoteBuffer(path)
+        try:
+            yield remote
+        finally:
+            remote.close()
+        return
+    if not os.stat(path).st_size:
+        yield b""
+        return
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+        yield mm
+
+
+def local_range(path: str, offset: int, length: int) -> ByteRange | None:
+    """A tensor's `ByteRange` for the kernel to copy file to file, or None for an object URL
+    (its bytes come through `read`, fetched by ranged reads)."""
+    if is_object_url(path):
+        return None
+    return ByteRange(path, offset, length)
 
 
 def check_safe_relative(path_in_index: Any, *, index_path: str, what: str = "shard") -> str:
@@ -355,7 +448,7 @@ def zip_first_member_name(path: str, head: bytes) -> bytes:
     name = head[ZIP_LOCAL_HEADER_SIZE : ZIP_LOCAL_HEADER_SIZE + n]
     if len(name) < n:
         try:
-            with open(path, "rb") as f:
+            with open_source(path) as f:
                 f.seek(ZIP_LOCAL_HEADER_SIZE)
                 name = f.read(n)
         except OSError:

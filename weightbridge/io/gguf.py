@@ -26,8 +26,8 @@ gguf-py's `GGUFReader` is the oracle in the tests.
 
 from __future__ import annotations
 
+import contextlib
 import math
-import mmap
 import os
 import struct
 from collections.abc import Mapping, Sequence
@@ -41,7 +41,14 @@ from weightbridge.errors import DtypeError, FormatError
 from weightbridge.io._gguf_quants import QUANTIZERS, TYPES, GgmlType, dequantize
 from weightbridge.io._gguf_quants import quantize as quantize_blocks
 from weightbridge.io._tiles import TileCursor
-from weightbridge.io.base import BaseReader, ByteRange
+from weightbridge.io.base import (
+    BaseReader,
+    ByteRange,
+    Sliceable,
+    local_range,
+    source_buffer,
+    source_size,
+)
 from weightbridge.spec import MAX_NBYTES, CheckpointSpec, TensorSpec
 
 NAME = "gguf"
@@ -131,7 +138,7 @@ def detect(path: str, head: bytes) -> bool:
 class _Cursor:
     """Reads the header from a mapped file; every read checks the bytes are there."""
 
-    def __init__(self, path: str, data: mmap.mmap | bytes, size: int) -> None:
+    def __init__(self, path: str, data: Sliceable, size: int) -> None:
         self.path, self.data, self.size, self.pos = path, data, size, 0
         self.items = 0  # array items read so far
 
@@ -218,21 +225,15 @@ class GgufReader(BaseReader):
             raise FormatError(
                 f"{self.path}: cannot dequantize to {dtype!r}; choose one of {OUTPUT_DTYPES}"
             )
-        try:
-            size = os.stat(self.path).st_size
-            with open(self.path, "rb") as f:
-                data: mmap.mmap | bytes = (
-                    mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size else b""
-                )
-        except FileNotFoundError as e:
-            raise FormatError(f"{self.path}: file not found") from e
-        except OSError as e:
-            raise FormatError(f"{self.path}: cannot read: {e.strerror or e}") from e
-        try:
+        with contextlib.ExitStack() as stack:
+            try:
+                size = source_size(self.path)
+                data = stack.enter_context(source_buffer(self.path))
+            except FileNotFoundError as e:
+                raise FormatError(f"{self.path}: file not found") from e
+            except OSError as e:
+                raise FormatError(f"{self.path}: cannot read: {e.strerror or e}") from e
             self._parse(_Cursor(self.path, data, size))
-        finally:
-            if isinstance(data, mmap.mmap):
-                data.close()
 
     def _parse(self, cur: _Cursor) -> None:
         if cur.take(4, "the magic") != MAGIC:
@@ -430,7 +431,7 @@ class GgufReader(BaseReader):
         info = self._infos.get(name)
         if info is None or info.kind.quantized:
             return None
-        return ByteRange(self.path, info.offset, info.nbytes)
+        return local_range(self.path, info.offset, info.nbytes)
 
     def prefetch(self, name: str) -> None:
         info = self._infos.get(name)

@@ -40,12 +40,18 @@ import numpy as np
 
 from weightbridge import dtypes
 from weightbridge.errors import DtypeError, FormatError
+from weightbridge.io._obstore import is_object_url
 from weightbridge.io._tiles import TileCursor
 from weightbridge.io.base import (
     ZIP_MAGIC,
     BaseReader,
     ByteRange,
     MappedFile,
+    local_range,
+    map_source,
+    open_source,
+    open_zip,
+    source_size,
     zip_member_data_start,
 )
 from weightbridge.spec import MAX_NBYTES, CheckpointSpec, TensorSpec
@@ -85,7 +91,7 @@ def detect(path: str, head: bytes) -> bool:
         return True
     if head.startswith(ZIP_MAGIC) and path.endswith(".keras"):
         try:
-            with zipfile.ZipFile(path) as zf:
+            with open_zip(path) as zf:
                 return KERAS_WEIGHTS_MEMBER in zf.namelist()
         except (OSError, zipfile.BadZipFile, ValueError, EOFError, NotImplementedError):
             return False
@@ -100,7 +106,7 @@ class _Window(io.RawIOBase):
 
     def __init__(self, path: str, start: int, length: int) -> None:
         super().__init__()
-        self._f = open(path, "rb")  # noqa: SIM115 - closed in close()
+        self._f = open_source(path)  # closed in close()
         self._start, self._length, self._pos = start, length, 0
 
     def readable(self) -> bool:
@@ -123,9 +129,10 @@ class _Window(io.RawIOBase):
         if n == 0:
             return 0
         self._f.seek(self._start + self._pos)
-        got = self._f.readinto(view[:n])
-        self._pos += got
-        return got
+        data = self._f.read(n)
+        view[: len(data)] = data
+        self._pos += len(data)
+        return len(data)
 
     def close(self) -> None:
         self._f.close()
@@ -189,8 +196,8 @@ class HDF5Reader(BaseReader):
         self._file: MappedFile | None = None
         self._datasets: dict[str, _Dataset] = {}
         try:
-            size = os.stat(self.path).st_size
-            with open(self.path, "rb") as f:
+            size = source_size(self.path)
+            with open_source(self.path) as f:
                 head = f.read(len(ZIP_MAGIC))
         except FileNotFoundError as e:
             raise FormatError(f"{self.path}: file not found") from e
@@ -198,6 +205,9 @@ class HDF5Reader(BaseReader):
         try:
             if head == ZIP_MAGIC:
                 self._h5, size, mappable = self._open_keras_archive()
+            elif is_object_url(self.path):  # h5py reads its metadata by ranged reads
+                self._window = open_source(self.path)
+                self._h5 = h5py.File(self._window, "r")
             else:
                 self._h5 = h5py.File(self.path, "r")
         except (
@@ -232,7 +242,7 @@ class HDF5Reader(BaseReader):
 
     def _open_keras_archive(self) -> tuple[Any, int, bool]:
         """Open ``model.weights.h5`` inside a `.keras` zip: (h5py file, its size, mappable)."""
-        with zipfile.ZipFile(self.path) as zf:
+        with open_zip(self.path) as zf:
             try:
                 info = zf.getinfo(KERAS_WEIGHTS_MEMBER)
             except KeyError as e:
@@ -245,7 +255,7 @@ class HDF5Reader(BaseReader):
                     f"{self.path}: member {KERAS_WEIGHTS_MEMBER!r} is encrypted; decrypt it first"
                 )
             if info.compress_type == zipfile.ZIP_STORED:
-                with open(self.path, "rb") as raw:
+                with open_source(self.path) as raw:
                     self._base = zip_member_data_start(raw, info, self.path)
                     end = raw.seek(0, io.SEEK_END)
                 if self._base + info.file_size > end:
@@ -256,7 +266,7 @@ class HDF5Reader(BaseReader):
                 self._window = _Window(self.path, self._base, info.file_size)
                 return h5py.File(self._window, "r"), info.file_size, True
         # Compressed: h5py reads through zipfile (seeks decompress again); no mapping.
-        self._zip = zipfile.ZipFile(self.path)
+        self._zip = open_zip(self.path)
         self._window = self._zip.open(KERAS_WEIGHTS_MEMBER)
         return h5py.File(self._window, "r"), info.file_size, False
 
@@ -418,7 +428,7 @@ class HDF5Reader(BaseReader):
         want = dtypes.to_numpy(spec.dtype)
         if entry.offset is not None:
             if self._file is None:
-                self._file = MappedFile(self.path)
+                self._file = map_source(self.path)
             arr = self._file.array(self._base + entry.offset, spec)
         else:
             try:
@@ -450,7 +460,7 @@ class HDF5Reader(BaseReader):
         entry = self._datasets.get(name)
         if entry is None or entry.offset is None:
             return None
-        return ByteRange(self.path, self._base + entry.offset, self._spec[name].nbytes)
+        return local_range(self.path, self._base + entry.offset, self._spec[name].nbytes)
 
     def release(self, name: str) -> None:
         entry = self._datasets.get(name)

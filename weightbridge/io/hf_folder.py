@@ -11,6 +11,8 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+from weightbridge.io._obstore import is_object_url
+
 # Preference order: safetensors first (headers only, zero-copy, no pickle), then PyTorch, then
 # TensorFlow, then Flax; an index before a single file of the same kind, because the index names
 # every tensor of a sharded save while a lone file beside it may be left from an older one.
@@ -42,6 +44,8 @@ class WeightsChoice:
 
     @property
     def path(self) -> str:
+        if is_object_url(self.folder):  # an object-store prefix
+            return self.folder.rstrip("/") + "/" + self.chosen
         return os.path.join(self.folder, self.chosen)
 
     def describe(self) -> str:
@@ -69,11 +73,18 @@ def choose_weights(folder: str) -> WeightsChoice | None:
     >>> c.chosen, c.others, c.extra
     ('model.safetensors', ('pytorch_model.bin',), True)
     """
-    try:
-        names = {e for e in os.listdir(folder) if not e.startswith(".")}
-    except OSError:
-        return None
-    present = [n for n in WEIGHT_FILES if os.path.isfile(os.path.join(folder, n))]
+    if is_object_url(folder):  # a prefix in an object store: its listing, one request
+        from weightbridge.io._remote import list_directory
+
+        listing = list_directory(folder)
+        names = {e for e in (*listing.files, *listing.dirs) if not e.startswith(".")}
+        present = [n for n in WEIGHT_FILES if n in listing.files]
+    else:
+        try:
+            names = {e for e in os.listdir(folder) if not e.startswith(".")}
+        except OSError:
+            return None
+        present = [n for n in WEIGHT_FILES if os.path.isfile(os.path.join(folder, n))]
     if not present:
         return None
     chosen, others = present[0], tuple(present[1:])

@@ -26,7 +26,6 @@ on every platform we know.
 
 from __future__ import annotations
 
-import mmap
 import os
 import struct
 from collections.abc import Sequence
@@ -39,7 +38,14 @@ from weightbridge import dtypes
 from weightbridge._files import pwrite_all
 from weightbridge.errors import DtypeError, FormatError, SpecError
 from weightbridge.io._tiles import TileCursor
-from weightbridge.io.base import BaseReader, ByteRange, MappedFile
+from weightbridge.io.base import (
+    BaseReader,
+    ByteRange,
+    MappedFile,
+    local_range,
+    source_buffer,
+    source_size,
+)
 from weightbridge.spec import CheckpointSpec, TensorSpec
 
 NAME = "msgpack"
@@ -331,12 +337,12 @@ class MsgpackReader(BaseReader):
         self.path = os.fspath(path)
         self.skipped: dict[str, str] = {}
         try:
-            size = os.stat(self.path).st_size
+            size = source_size(self.path)
         except FileNotFoundError as e:
             raise FormatError(f"{self.path}: file not found") from e
         if size == 0:
             raise FormatError(f"{self.path}: file is empty; a flax msgpack file holds one map")
-        with open(self.path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+        with source_buffer(self.path) as mm:
             parser = _Parser(mm, self.path)
             tree = parser.value("", 0)
             if parser.pos != size:
@@ -480,7 +486,7 @@ class MsgpackReader(BaseReader):
         if entry is None or len(entry.segments) != 1:
             return None
         offset, length = entry.segments[0]
-        return ByteRange(self.path, offset, length)
+        return local_range(self.path, offset, length)
 
     def release(self, name: str) -> None:
         entry = self._entries.get(name)

@@ -46,6 +46,11 @@ from weightbridge.io.base import (
     BaseReader,
     ByteRange,
     MappedFile,
+    local_range,
+    map_source,
+    open_source,
+    open_zip,
+    source_size,
     zip_first_member_name,
     zip_member_data_start,
 )
@@ -107,7 +112,7 @@ def detect(path: str, head: bytes) -> bool:
 
 def _has_npy_member(path: str) -> bool:
     try:
-        with zipfile.ZipFile(path) as zf:
+        with open_zip(path) as zf:
             return any(n.endswith(".npy") for n in zf.namelist())
     except (OSError, zipfile.BadZipFile, ValueError, EOFError, NotImplementedError):
         return False
@@ -261,8 +266,8 @@ class NumpyReader(BaseReader):
         self.path = os.fspath(path)
         self.skipped: dict[str, str] = {}
         try:
-            self._size = os.stat(self.path).st_size
-            with open(self.path, "rb") as f:
+            self._size = source_size(self.path)
+            with open_source(self.path) as f:
                 is_npy = f.read(len(NPY_MAGIC)) == NPY_MAGIC
         except FileNotFoundError as e:
             raise FormatError(f"{self.path}: file not found") from e
@@ -280,7 +285,7 @@ class NumpyReader(BaseReader):
         name = os.path.basename(self.path)
         name = name[: -len(".npy")] if name.endswith(".npy") else name
         where = f"{self.path}: tensor {name!r}"
-        with open(self.path, "rb") as f:
+        with open_source(self.path) as f:
             shape, fortran, dt = read_npy_header(f, where)
             offset = f.tell()
         spec = _spec(name, shape, _code_of(dt, None, where), self.path)
@@ -294,7 +299,7 @@ class NumpyReader(BaseReader):
 
     def _open_npz(self) -> tuple[list[TensorSpec], dict[str, str]]:
         try:
-            zf = zipfile.ZipFile(self.path)
+            zf = open_zip(self.path)
         except (zipfile.BadZipFile, OSError, EOFError, ValueError, NotImplementedError) as e:
             raise FormatError(
                 f"{self.path}: not a readable zip archive ({e}): the file is truncated (an .npz "
@@ -302,7 +307,7 @@ class NumpyReader(BaseReader):
                 "loses), corrupt, or not an .npz: copy it again"
             ) from e
         tensors: list[TensorSpec] = []
-        with zf, open(self.path, "rb") as raw:
+        with zf, open_source(self.path) as raw:
             recorded, meta = _parse_comment(self.path, zf.comment)
             for info in zf.infolist():
                 parts = info.filename.replace("\\", "/").split("/")
@@ -405,7 +410,7 @@ class NumpyReader(BaseReader):
         layout = TensorSpec(name, spec.shape[::-1] if entry.fortran else spec.shape, spec.dtype)
         if entry.stored:
             if self._file is None:
-                self._file = MappedFile(self.path)
+                self._file = map_source(self.path)
             arr = self._file.array(entry.offset, layout)
         else:
             arr = self._decompress(entry, layout)
@@ -424,7 +429,7 @@ class NumpyReader(BaseReader):
         got = 0
         try:
             if self._zip is None:
-                self._zip = zipfile.ZipFile(self.path)
+                self._zip = open_zip(self.path)
             with self._zip.open(entry.member) as member:
                 member.read(entry.offset)  # the npy header; seeking would decompress it anyway
                 while got < layout.nbytes:
@@ -460,7 +465,7 @@ class NumpyReader(BaseReader):
         spec = self._spec[name]
         if entry.fortran and sum(d > 1 for d in spec.shape) > 1:
             return None  # column-major bytes of a true matrix are not its C-order bytes
-        return ByteRange(self.path, entry.offset, spec.nbytes)
+        return local_range(self.path, entry.offset, spec.nbytes)
 
     def release(self, name: str) -> None:
         entry = self._entries.get(name)

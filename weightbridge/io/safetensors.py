@@ -22,7 +22,14 @@ import numpy as np
 
 from weightbridge import dtypes
 from weightbridge.errors import DtypeError, FormatError, SpecError
-from weightbridge.io.base import BaseReader, ByteRange, MappedFile
+from weightbridge.io.base import (
+    BaseReader,
+    ByteRange,
+    MappedFile,
+    local_range,
+    open_source,
+    source_size,
+)
 from weightbridge.spec import CheckpointSpec, TensorSpec, parse_json
 
 NAME = "safetensors"
@@ -49,8 +56,8 @@ def detect(path: str, head: bytes) -> bool:
 def parse_header(path: str) -> tuple[int, dict[str, Any]]:
     """Return (data start offset, header dict) after validating the framing."""
     try:
-        size = os.stat(path).st_size
-        with open(path, "rb") as f:
+        size = source_size(path)
+        with open_source(path) as f:
             raw_len = f.read(8)
             if len(raw_len) < 8:
                 raise FormatError(
@@ -90,7 +97,7 @@ class SafetensorsReader(BaseReader):
     def __init__(self, path: str) -> None:
         self.path = os.fspath(path)
         self._data_start, header = parse_header(self.path)
-        size = os.stat(self.path).st_size
+        size = source_size(self.path)
         meta = header.pop("__metadata__", None) or {}
         if not isinstance(meta, dict):
             raise FormatError(f"{self.path}: __metadata__ must be an object of strings")
@@ -162,9 +169,9 @@ class SafetensorsReader(BaseReader):
         begin, _ = self._offsets[name]
         return self._mapped().array(self._data_start + begin, self._spec[name])
 
-    def byte_range(self, name: str) -> ByteRange:
+    def byte_range(self, name: str) -> ByteRange | None:
         begin, end = self._offsets[name]
-        return ByteRange(self.path, self._data_start + begin, end - begin)
+        return local_range(self.path, self._data_start + begin, end - begin)
 
     def prefetch(self, name: str) -> None:
         if name in self._offsets:

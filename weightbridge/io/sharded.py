@@ -12,13 +12,22 @@ from __future__ import annotations
 import glob
 import os
 import reprlib
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
 from weightbridge._files import atomic_write_json
 from weightbridge.errors import FormatError
-from weightbridge.io.base import BaseReader, ByteRange, Reader, check_safe_relative
+from weightbridge.io._obstore import is_object_url
+from weightbridge.io.base import (
+    BaseReader,
+    ByteRange,
+    Reader,
+    check_safe_relative,
+    open_source,
+    source_isfile,
+)
 from weightbridge.spec import CheckpointSpec, parse_json
 
 NAME = "sharded"
@@ -27,6 +36,8 @@ INDEX_SUFFIX = ".index.json"
 
 
 def find_index(path: str) -> str | None:
+    if is_object_url(path):
+        return _find_remote_index(path)
     if os.path.isfile(path) and path.endswith(INDEX_SUFFIX):
         return path
     if os.path.isdir(path):
@@ -38,6 +49,20 @@ def find_index(path: str) -> str | None:
             )
         return found[0] if found else None
     return None
+
+
+def _find_remote_index(url: str) -> str | None:
+    """`find_index` for an object URL: the index object itself, or the one index under a prefix."""
+    from weightbridge.io import _remote
+
+    if url.endswith(INDEX_SUFFIX) and source_isfile(url):
+        return url
+    if url.endswith(INDEX_SUFFIX):
+        return None
+    found = [n for n in _remote.list_directory(url).files if n.endswith(INDEX_SUFFIX)]
+    if len(found) > 1:
+        raise FormatError(f"{url}: several index files {found}; pass the one you mean")
+    return _remote.join(url, found[0]) if found else None
 
 
 def detect(path: str, head: bytes) -> bool:
@@ -53,7 +78,7 @@ def read_index(index_path: str) -> tuple[dict[str, str], dict[str, str]]:
             names a shard outside its directory or another index as a shard.
     """
     try:
-        with open(index_path, "rb") as f:
+        with open_source(index_path) as f:
             index: Any = parse_json(f.read().decode("utf-8"))
     except OSError as e:
         raise FormatError(f"{index_path}: cannot read the index ({e.strerror or e})") from e
@@ -85,12 +110,16 @@ class ShardedReader(BaseReader):
         if index_path is None:
             raise FormatError(f"{path}: no '*{INDEX_SUFFIX}' index file here")
         self.path = index_path
-        base = os.path.dirname(os.path.abspath(index_path))
         weight_map, metadata = read_index(index_path)
+        if is_object_url(index_path):
+            base, exists = _remote_shards(index_path)
+        else:
+            base = os.path.dirname(os.path.abspath(index_path))
+            exists = os.path.isfile
         self._readers: dict[str, Reader] = {}
         for shard in dict.fromkeys(weight_map.values()):
-            shard_path = os.path.join(base, shard)
-            if not os.path.isfile(shard_path):
+            shard_path = f"{base}/{shard}" if is_object_url(base) else os.path.join(base, shard)
+            if not exists(shard_path):
                 raise FormatError(
                     f"{index_path}: index names shard {shard!r}, which does not exist in {base}"
                 )
@@ -132,11 +161,30 @@ class ShardedReader(BaseReader):
         self._where[name].prefetch(name)
 
     def files(self) -> list[str]:
-        return [self.path, *(f for r in self._readers.values() for f in r.files())]
+        index = [] if is_object_url(self.path) else [self.path]  # local files only
+        return [*index, *(f for r in self._readers.values() for f in r.files())]
 
     def close(self) -> None:
         for r in self._readers.values():
             r.close()
+
+
+def _remote_shards(index_url: str) -> tuple[str, Callable[[str], bool]]:
+    """The prefix holding a remote index, and a test of which shards exist there: one listing
+    of the prefix (where the store can list) instead of a request per shard."""
+    from weightbridge.io import _remote
+
+    base = _remote.dirname(index_url)
+    listing = _remote.list_directory(base)
+    if not listing.files:  # HTTP cannot list: ask per shard
+        return base, source_isfile
+    names = set(listing.files)
+
+    def exists(shard_path: str) -> bool:
+        name = shard_path[len(base) + 1 :]
+        return name in names if "/" not in name else source_isfile(shard_path)
+
+    return base, exists
 
 
 def open_reader(path: str) -> ShardedReader:

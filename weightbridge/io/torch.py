@@ -48,6 +48,10 @@ from weightbridge.io.base import (
     ByteRange,
     MappedFile,
     check_safe_relative,
+    local_range,
+    open_source,
+    open_zip,
+    source_size,
     zip_first_member_name,
     zip_member_data_start,
 )
@@ -91,7 +95,7 @@ def _zip_is_torch(path: str, head: bytes) -> bool:
         return False  # .npz archives, or zips no suffix of ours vouches for
     # Writers other than torch may put entries in another order: look at the whole directory.
     try:
-        with zipfile.ZipFile(path) as zf:
+        with open_zip(path) as zf:
             return any(n == "data.pkl" or n.endswith("/data.pkl") for n in zf.namelist())
     except (OSError, zipfile.BadZipFile, ValueError, EOFError, NotImplementedError):
         return False
@@ -113,7 +117,7 @@ class TorchReader(BaseReader):
     def __init__(self, path: str) -> None:
         self.path = os.fspath(path)
         try:
-            with open(self.path, "rb") as f:
+            with open_source(self.path) as f:
                 head = f.read(512)
         except OSError as e:
             raise FormatError(f"{self.path}: cannot open: {e.strerror or e}") from e
@@ -149,9 +153,9 @@ class TorchReader(BaseReader):
 
     def _open_zip(self) -> tuple[Any, dict[str, _Stored]]:
         try:
-            zf = zipfile.ZipFile(self.path)
+            zf = open_zip(self.path)
         except (zipfile.BadZipFile, OSError, ValueError, EOFError, NotImplementedError) as e:
-            size = os.stat(self.path).st_size
+            size = source_size(self.path)
             raise FormatError(
                 f"{self.path}: not a readable zip archive ({e}); a torch.save file of {size} "
                 "bytes whose zip directory is missing is usually truncated: copy it again"
@@ -197,9 +201,9 @@ class TorchReader(BaseReader):
             obj, keys = load_pickle(
                 io.BytesIO(raw), source=f"{self.path}:{pickles[0]}", legacy=False
             )
-            size = os.stat(self.path).st_size
+            size = source_size(self.path)
             storages: dict[str, _Stored] = {}
-            with open(self.path, "rb") as f:
+            with open_source(self.path) as f:
                 for key, ref in keys.items():
                     check_safe_relative(key, index_path=self.path, what="storage key")
                     entry = f"{prefix}data/{key}"
@@ -289,8 +293,8 @@ class TorchReader(BaseReader):
         return _Stored(ref.key, start, info.file_size)
 
     def _open_legacy(self) -> tuple[Any, dict[str, _Stored]]:
-        size = os.stat(self.path).st_size
-        with open(self.path, "rb") as f:
+        size = source_size(self.path)
+        with open_source(self.path) as f:
             magic, _ = load_pickle(f, source=self.path, legacy=True)
             if magic != _LEGACY_MAGIC_NUMBER:
                 raise FormatError(
@@ -422,7 +426,7 @@ class TorchReader(BaseReader):
     def _inflate(self, info: zipfile.ZipInfo, nbytes: int) -> bytes:
         """A compressed storage's bytes, decompressed (at most `nbytes`) on every read."""
         try:
-            with zipfile.ZipFile(self.path) as zf:
+            with open_zip(self.path) as zf:
                 data = self._read_entry(zf, info, nbytes)
         except (zipfile.BadZipFile, OSError, ValueError, EOFError, NotImplementedError) as e:
             raise FormatError(f"{self.path}: cannot reopen the archive: {e}") from e
@@ -444,7 +448,7 @@ class TorchReader(BaseReader):
         if spec.numel and ref.stride != _contiguous_strides(ref.shape, ref.stride):
             return None
         start, _ = _extent(ref, dtypes.itemsize(spec.dtype))
-        return ByteRange(self.path, stored.offset + start, spec.nbytes)
+        return local_range(self.path, stored.offset + start, spec.nbytes)
 
     def release(self, name: str) -> None:
         if self._file is None or name not in self._refs:

@@ -8,22 +8,24 @@ and each shard is one independent unit of work, produced by
 Where shards are produced is the `executor`'s business:
 
 * by default (threads), in this process: sources are memory-mapped, a `Readahead` thread pulls
-  them into the page cache in file order, and a shard's commit (fsync, rename, then the
-  journal's record of its size and checksum) runs on its own thread while the next shard is
-  produced;
+  them into the page cache in file order, and a shard's commit (fsync, rename, or upload)
+  runs on its own thread while the next shard is produced, then the shard's own record (its
+  size and checksum) is written;
 * with any other executor (processes, a `concurrent.futures.Executor`, a Dask cluster; see
   `weightbridge.streaming.executors`) every remaining shard is a `ShardTask`
   (`weightbridge.streaming.tasks`) that opens the source and the destination itself, commits
-  its shard and writes the shard's own record; the journal here is written once, at the end;
+  its shard and writes the shard's own record;
 * with ``partition=(I, N)`` only a byte-balanced share of the shards is produced (in either
   way), each recorded by its own record, so N parts can write into one destination at once.
 
-The index is written last, so a directory that has an index (or a single final file) is
-complete. This module alone decides when a conversion is complete (`finish_job`): after the
-last shard and the index it calls `Destination.finalize` once, then records the conversion
-complete in the journal. Rerunning after a crash skips shards recorded in the journal or by
-their own record after re-checking them, and produces byte-identical output, because every
-byte of a shard is a function of the plan alone.
+Either way the journal (`weightbridge.streaming.journal`) is written at the start and once at
+the end, never per shard, so the bookkeeping of N shards is O(N) bytes. The index is written
+last, so a directory that has an index (or a single final file) is complete. This module alone
+decides when a conversion is complete (`finish_job`): after the last shard and the index it
+calls `Destination.finalize` once, then records the conversion complete in the journal.
+Rerunning after a crash skips shards recorded in the journal or by their own record after
+re-checking them, and produces byte-identical output, because every byte of a shard is a
+function of the plan alone.
 """
 
 from __future__ import annotations
@@ -64,12 +66,10 @@ from weightbridge.streaming.pipeline import (
 )
 from weightbridge.streaming.readahead import Readahead
 from weightbridge.streaming.tasks import (
-    ShardRecord,
     ShardTask,
     produce_shard,
     read_record,
     record_name,
-    write_record,
 )
 from weightbridge.streaming.tasks import partition as partition_of
 from weightbridge.streaming.transform import compute
@@ -82,7 +82,7 @@ __all__ = [
     "verify",
 ]
 
-# Filled shards waiting for their commits (fsync, rename, journal, in order on one thread).
+# Filled shards waiting for their commits (fsync, rename or upload, in order on one thread).
 # One fsync of a 1 GB shard took 1.7-2.4 s on the test VM, longer than filling the next one
 # (about 1.4 s), so with one in flight the fill waited; with two it waits less (4 GB,
 # interleaved: 11.3-13.2 s against 11.7-14.3 s). A crash loses at most these uncommitted
@@ -343,7 +343,7 @@ def _produce_here(job: _Job, on_bytes: Callable[[int], object] | None, keep_cach
         ahead = stack.enter_context(
             Readahead(source_ranges(reader, job.todo), drop_behind=not keep_cache)
         )
-        # Shards commit (fsync, rename, journal) on their own thread while the next one is
+        # Shards commit (fsync and rename, or upload) on their own thread while the next one is
         # produced: an fsync waits for the disk, and the transforms need not wait with it.
         committer = stack.enter_context(
             ThreadPoolExecutor(1, thread_name_prefix="weightbridge-commit")
@@ -355,10 +355,8 @@ def _produce_here(job: _Job, on_bytes: Callable[[int], object] | None, keep_cach
             while len(pending) > keep:
                 shard, future, digest = pending.pop(0)
                 size = future.result()
-                if job.partition is None:
-                    journal.record(shard.name, size, digest)
-                else:  # parts run at once: each shard gets its own record, no shared file
-                    write_record(target, job.job, ShardRecord(shard.name, size, digest))
+                # Its own record, no shared file: parts of a partitioned run write at once.
+                journal.record(shard.name, size, digest)
                 report.written.append(shard.name)
                 report.bytes_written += shard.nbytes
 
@@ -472,6 +470,9 @@ def finish_job(job: _Job) -> None:
     Decided here and only here. A job whose shards came from other processes (tasks,
     partitions) has their records merged into the journal, written once.
     """
+    # In shard order, however the shards were produced, so every run writes the same journal.
+    done = job.journal.shards
+    job.journal.shards = {s.name: done[s.name] for s in job.shards if s.name in done}
     target, suffix = job.target, wio.writer_class(job.format).suffix
     if len(job.shards) > 1:
         weight_map = {st.target.name: s.name for s in job.shards for st in s.steps}
@@ -569,8 +570,9 @@ def _committed_shards(journal: Journal, shards: list[Shard], job: str) -> set[st
     whose files still exist with the recorded size and hash. Verified records are kept in the
     journal, so the completed journal lists every shard however it was produced."""
     done = set()
+    recorded = journal.recorded([s.name for s in shards])  # one listing, small reads
     for shard in shards:
-        rec = journal.shards.get(shard.name) or read_record(journal.dest, job, shard.name)
+        rec = recorded.get(shard.name)
         if not rec or journal.dest.size(shard.name) != rec.get("size"):
             journal.shards.pop(shard.name, None)
             continue

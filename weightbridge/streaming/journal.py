@@ -1,19 +1,36 @@
-"""The resume journal: which output shards of which conversion are committed, and their hashes.
+"""The resume bookkeeping: which output shards of which conversion are committed, and their hashes.
 
-It lives in the destination as ``.weightbridge-journal.json``. A conversion run in this process
-rewrites it atomically after each shard is committed; one whose shards are tasks in other
-processes (or partitions) writes it at the start and once at the end, while each shard's own
-record (`weightbridge.streaming.tasks`) says it is committed in between. A shard is recorded only
-after it was committed under its final name, so a crash at any point leaves either a recorded,
-complete shard or one that the rerun writes again.
+Two kinds of files in the destination, so that many writers never contend and a conversion of
+N shards writes O(N) bytes of bookkeeping however it runs (an object store uploads each file
+whole, so a journal rewritten after every shard would upload O(N^2) bytes):
+
+* each committed shard's own *record* (``.weightbridge/committed/<shard>.json``: job, size,
+  checksum; `weightbridge.streaming.tasks`), written once by whoever committed the shard (this
+  process, a worker process, a partition run), only after the shard is under its final name;
+* the *journal* ``.weightbridge-journal.json`` (job, outputs, source files, completion),
+  written when a conversion starts and once more when the converter
+  (`weightbridge.streaming.convert`) has finished it, then listing every shard's size and
+  checksum.
+
+A crash at any point leaves either a recorded, complete shard or one that the rerun writes
+again. A rerun loads the journal, lists the records once and reads those of the shards it
+still needs (`Journal.recorded`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from weightbridge.errors import ConversionError
+from weightbridge.streaming.tasks import (
+    RECORD_PREFIX,
+    ShardRecord,
+    read_record,
+    record_name,
+    write_record,
+)
 
 if TYPE_CHECKING:  # the object-store destination imports JOURNAL_NAME from here
     from weightbridge.streaming.dest.base import Destination
@@ -28,6 +45,8 @@ class Journal:
 
     dest: Destination
     job: str = ""
+    # Every shard known committed: written to the file at the start (what an earlier, finished
+    # run listed) and at the end; in between, each shard's own record says it.
     shards: dict[str, dict[str, Any]] = field(default_factory=dict)
     # Written by the converter (`weightbridge.streaming.convert`) alone, after
     # `Destination.finalize`; kept in the file for people and tools, never read back to act on.
@@ -55,6 +74,7 @@ class Journal:
         )
 
     def save(self) -> None:
+        """Write the journal (at a conversion's start and end only: see the module docstring)."""
         self.dest.write_json(
             JOURNAL_NAME,
             {
@@ -68,5 +88,23 @@ class Journal:
         )
 
     def record(self, shard: str, size: int, checksum: str) -> None:
+        """`shard` is committed: write its own record (the journal file is not rewritten)."""
+        write_record(self.dest, self.job, ShardRecord(shard, size, checksum))
         self.shards[shard] = {"size": size, "checksum": checksum}
-        self.save()
+
+    def recorded(self, names: Sequence[str]) -> dict[str, dict[str, Any]]:
+        """``{"size", "checksum"}`` of each of `names` that the journal or a record of this job
+        says is committed (not yet checked against the shard itself).
+
+        The records are listed once; only those of shards the journal does not list are read.
+        """
+        found = {n: self.shards[n] for n in names if n in self.shards}
+        missing = [n for n in names if n not in found]
+        if missing:
+            listed = set(self.dest.names(RECORD_PREFIX))
+            for n in missing:
+                if record_name(n) in listed:
+                    rec = read_record(self.dest, self.job, n)
+                    if rec is not None:
+                        found[n] = rec
+        return found

@@ -68,6 +68,10 @@ class Destination(Protocol):
 
     def write_json(self, name: str, obj: Any) -> None: ...
 
+    def names(self, prefix: str) -> list[str]:
+        """The names that start with `prefix` (one listing; no temporaries), sorted."""
+        ...
+
     def open_shard(
         self, name: str, format: str, tensors: Sequence[TensorSpec], metadata: dict[str, str] | None
     ) -> ShardSink: ...

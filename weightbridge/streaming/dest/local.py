@@ -129,6 +129,18 @@ class LocalDirectory:
                 "(the conversion then starts over) or pass --overwrite"
             ) from e
 
+    def names(self, prefix: str) -> list[str]:
+        folder, start = os.path.split(prefix)
+        try:
+            entries = os.listdir(self._path(folder))
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+        return sorted(
+            os.path.join(folder, e)
+            for e in entries
+            if e.startswith(start) and not (e.startswith(".") and ".tmp-" in e)
+        )
+
     def write_json(self, name: str, obj: Any) -> None:
         # Its temporary name starts with a dot and holds ".tmp-", like the shards', so
         # remove_temporaries finds it after a kill.

@@ -2,15 +2,21 @@
 ``memory://``, or a local directory that should hold zarr or orbax output).
 
 Byte formats (safetensors, npz, h5, torch) are written to a local temporary file by their usual
-writer and uploaded with one PUT when complete (upload staging): an object-store PUT is
-all-or-nothing, so the final key either holds the whole shard or what it held before, and no
-temporary key or rename is needed (S3 has no rename). tensorstore uploads a value only whole,
-from memory, so these shards are capped (MAX_OBJECT_BYTES). The output formats ``zarr`` and
+writer and uploaded when complete (upload staging), on the converter's commit thread while the
+next shard is filled. Into ``s3://`` and ``gs://`` the upload is a multipart upload through
+obstore (`weightbridge.io._obstore.upload_file`), whose parts are slices of a memory map of the
+staged file: no shard size limit, and no anonymous memory for it. An upload is all-or-nothing
+(a multipart upload's object appears only when it completes), so the final key either holds the
+whole shard or what it held before, and no temporary key or rename is needed (S3 has no
+rename). Without obstore (or with a custom tensorstore ``kvstore`` spec) tensorstore uploads
+the shard, which it can do only whole, from memory, so such shards are capped
+(MAX_OBJECT_BYTES). The output formats ``zarr`` and
 ``orbax`` write one zarr3 array per tensor (`weightbridge.io.zarr.ArrayWriter`); their "shards"
 are groups of arrays that exist only as the journal's units of work, and `finalize` writes the
 top-level metadata (orbax's ``_METADATA`` and commit files, zarr's group nodes) that makes them
 readable as a whole. A rerun removes what a killed run left (orphan cleanup: pending arrays,
-staged uploads and downloads of dead processes).
+staged uploads and downloads of dead processes, and open multipart uploads where they can be
+listed: `weightbridge.io._obstore.abort_uploads`).
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from weightbridge.errors import ConversionError, FormatError, WeightbridgeError
+from weightbridge.io import _obstore
 from weightbridge.io._kvstore import Store, as_dir
 from weightbridge.io._zarr3 import ArrayWriter, array_path, check_paths, zarr3_group
 from weightbridge.io.base import BaseReader, Reader, ShardWriter
@@ -59,7 +66,8 @@ _UPLOAD_PREFIX = "weightbridge-upload-"
 # with the pid too: a run killed while checking would otherwise leave whole shards behind.
 _DOWNLOAD_PREFIX = "weightbridge-download-"
 # Largest byte-format shard (safetensors, npz, h5, torch) a conversion writes to an object store
-# (`TensorstoreDestination.max_object_size`). tensorstore can write a value only whole: its S3
+# when tensorstore uploads it (without obstore; `TensorstoreDestination.max_object_size`).
+# tensorstore can write a value only whole: its S3
 # and GCS drivers send one request, no multipart upload, from a buffer holding the whole object
 # (`Store.write_file` keeps that to one copy, not the 3 that `KvStore.write(bytes)` makes). And
 # a shard uploads on the converter's commit thread while the next shard is being filled, whose
@@ -68,7 +76,8 @@ _DOWNLOAD_PREFIX = "weightbridge-download-"
 # speed (and the commit overlaps the next fill anyway). A tensor larger than this still gets a
 # shard of its own, costing its size once: within the bound of largest tensor + 256 MB.
 MAX_OBJECT_BYTES = 64 << 20
-# S3 refuses a single PUT larger than this (tensorstore's S3 driver has no multipart upload).
+# S3 refuses a single PUT larger than this (tensorstore's S3 driver has no multipart upload;
+# obstore's multipart uploads have no such limit).
 S3_MAX_PUT_BYTES = 5 << 30
 
 
@@ -128,7 +137,8 @@ class _ArraySink:
 
 
 class _ByteSink:
-    """A byte-format shard: written to a local temporary file, uploaded whole by `commit`."""
+    """A byte-format shard: written to a local temporary file, uploaded by `commit` (multipart
+    through obstore, or one tensorstore PUT)."""
 
     def __init__(
         self,
@@ -149,7 +159,11 @@ class _ByteSink:
         self.writer = wio.writer_class(format)(self.tmp, list(tensors), metadata)
 
     def _check_size(self, nbytes: int) -> None:
-        if self.dest.store.spec["driver"] == "s3" and nbytes > S3_MAX_PUT_BYTES:
+        if (
+            not self.dest.multipart
+            and self.dest.store.spec["driver"] == "s3"
+            and nbytes > S3_MAX_PUT_BYTES
+        ):
             raise ConversionError(
                 f"{self.dest.url}/{self.name}: {nbytes / 2**30:.2f} GiB, more than the "
                 f"{S3_MAX_PUT_BYTES / 2**30:.0f} GiB S3 takes in one PUT (tensorstore has no "
@@ -159,6 +173,17 @@ class _ByteSink:
 
     def commit(self) -> int:
         self.writer.close()
+        if self.dest.multipart:
+            try:
+                return _obstore.upload_file(
+                    self.dest.objects,
+                    self.dest.object_key(self.name),
+                    self.tmp,
+                    url=self.dest.bucket_url,
+                    endpoint=self.dest.options.get("endpoint"),
+                )
+            finally:
+                _remove(self.tmp)
         try:
             # One PUT of the whole shard (tensorstore has no multipart upload): its bytes pass
             # through memory once here, which is why `max_object_size` caps these shards.
@@ -192,10 +217,12 @@ class TensorstoreDestination:
     Layout and commits:
 
     * JSON documents (journal, index, plan) are keys holding the JSON text.
-    * A byte-format shard (safetensors, ...) is one key, written once with its full content;
-      conversions keep such shards to `max_object_size` (64 MiB, except ``memory://``) so
-      their upload fits in bounded memory. Its size and storage generation are kept under
-      ``.weightbridge/sizes/`` so a resume learns the size without downloading the shard again.
+    * A byte-format shard (safetensors, ...) is one key, written once with its full content.
+      Into ``s3://`` and ``gs://`` with obstore installed (`multipart`), by a multipart upload
+      of any size; a resume learns its size with one HEAD request. Otherwise tensorstore
+      uploads it from memory, so conversions keep such shards to `max_object_size` (64 MiB,
+      except ``memory://``), and its size and storage generation are kept under
+      ``.weightbridge/sizes/`` so a resume learns the size without downloading the shard.
     * A ``zarr``/``orbax`` shard is a group of arrays: zarr3 arrays at ``<prefix>/<name>``
       (zarr) or at the orbax parameter names ``<prefix>/params.Dense_0.kernel`` (orbax), chunked
       along axis 0 and uncompressed, so their bytes are a function of the plan alone. Its name
@@ -224,6 +251,22 @@ class TensorstoreDestination:
         if step is not None and (not isinstance(step, int) or isinstance(step, bool) or step < 0):
             raise ConversionError(f"{self.url}: step must be a non-negative integer, got {step!r}")
         self.step: int | None = step
+        # Byte-format shards go through obstore (multipart uploads, streamed downloads) where
+        # it is installed and the store is S3 or GCS named by its URL; credentials other than
+        # the environment's are a tensorstore spec obstore cannot take.
+        driver = self.store.spec["driver"]
+        credentials = options.get("aws_credentials")
+        self.multipart = (
+            driver in ("s3", "gcs")
+            and options.get("kvstore") is None
+            and (credentials is None or credentials == {"type": "environment"})
+            and _obstore.obstore_available()
+        )
+        # The bucket as an obstore URL; object keys are the kvstore's prefix + a name.
+        self.bucket_url = (
+            f"{'s3' if driver == 's3' else 'gs'}://{self.store.spec.get('bucket', '')}"
+        )
+        self._objects: Any = None
         # Where an orbax checkpoint goes: the prefix itself, or CheckpointManager's
         # <step>/<item>/ with orbax's default item name.
         self.item = "" if step is None else f"{step}/{ORBAX_DEFAULT_ITEM}/"
@@ -246,6 +289,21 @@ class TensorstoreDestination:
 
     def size_key(self, name: str) -> str:
         return f"{STATE_PREFIX}sizes/{name}"
+
+    def object_key(self, name: str) -> str:
+        """`name`'s key in the bucket (for obstore, which is opened at the bucket)."""
+        return str(self.store.spec["path"]) + name
+
+    @property
+    def objects(self) -> Any:
+        """The obstore store of the bucket (made on first use: byte formats only)."""
+        if self._objects is None:
+            self._objects = _obstore.open_store(
+                self.bucket_url,
+                endpoint=self.options.get("endpoint"),
+                aws_region=self.options.get("aws_region"),
+            )
+        return self._objects
 
     # -- Destination protocol ------------------------------------------------------------------
 
@@ -271,6 +329,13 @@ class TensorstoreDestination:
         if self.is_array_shard(name):
             record = self.store.read_json(self._key(name))
             return int(record["nbytes"]) if isinstance(record, dict) else None
+        if self.multipart:
+            return _obstore.object_size(
+                self.objects,
+                self.object_key(name),
+                url=self.bucket_url,
+                endpoint=self.options.get("endpoint"),
+            )
         known = self.store.read_json(self.size_key(name))
         if isinstance(known, dict):
             # Unchanged since we wrote it (same generation): the size we recorded is its size.
@@ -310,6 +375,15 @@ class TensorstoreDestination:
                 for path in pending.get("arrays", []):
                     self.store.delete_prefix(as_dir(str(path)))
             self.store.delete(key)
+        if self.multipart:
+            # Multipart uploads of killed processes: invisible, but billed until aborted.
+            _obstore.abort_uploads(
+                self.bucket_url,
+                str(self.store.spec["path"]),
+                None if names is None else [self.object_key(n) for n in names],
+                endpoint=self.options.get("endpoint"),
+                aws_region=self.options.get("aws_region"),
+            )
         # Staged uploads and downloaded copies of killed runs (their process is gone) would
         # only fill the disk.
         for stem in (_UPLOAD_PREFIX, _DOWNLOAD_PREFIX):
@@ -327,6 +401,9 @@ class TensorstoreDestination:
     def write_json(self, name: str, obj: Any) -> None:
         self.store.write_json(self._key(name), obj)
 
+    def names(self, prefix: str) -> list[str]:
+        return self.store.list(prefix)  # what we write under a name holds no temporaries
+
     def open_shard(
         self, name: str, format: str, tensors: Sequence[TensorSpec], metadata: dict[str, str] | None
     ) -> _ArraySink | _ByteSink:
@@ -338,13 +415,14 @@ class TensorstoreDestination:
         """The largest shard `format` may have here for the upload to stay in bounded memory.
 
         None for the array formats (zarr, orbax: written chunk by chunk, whatever the shard
-        size) and for ``memory://`` (which keeps every value in this process anyway); for a byte
-        format (safetensors, npz, h5, torch) anywhere else, MAX_OBJECT_BYTES: such a shard is
-        uploaded as one value that passes through memory whole (see MAX_OBJECT_BYTES).
+        size), for ``memory://`` (which keeps every value in this process anyway) and where
+        byte formats go by multipart upload (`multipart`: streamed from the staged file); for
+        a byte format (safetensors, npz, h5, torch) anywhere else, MAX_OBJECT_BYTES: such a
+        shard is uploaded as one value that passes through memory whole (see MAX_OBJECT_BYTES).
         `weightbridge.streaming.convert` lowers ``max_shard_size`` to this; a larger tensor
         gets its own shard.
         """
-        if format in ARRAY_FORMATS or self.store.spec["driver"] == "memory":
+        if format in ARRAY_FORMATS or self.store.spec["driver"] == "memory" or self.multipart:
             return None
         return MAX_OBJECT_BYTES
 
@@ -511,6 +589,15 @@ class TensorstoreDestination:
         tmp = tempfile.mkdtemp(prefix=f"{_DOWNLOAD_PREFIX}{os.getpid()}-", dir=self.tmpdir)
         try:
             for n in names:
+                if self.multipart:  # streamed: a shard of any size in bounded memory
+                    _obstore.download_file(
+                        self.objects,
+                        self.object_key(n),
+                        os.path.join(tmp, n),
+                        url=self.bucket_url,
+                        endpoint=self.options.get("endpoint"),
+                    )
+                    continue
                 data = self.store.read(n)
                 if data is None:
                     raise FormatError(f"{self.url}: {n} does not exist")

@@ -1,0 +1,491 @@
+"""Byte-format sources read in place from an object store (moto's S3 server on 127.0.0.1).
+
+Each format is written locally (by weightbridge's writers or the reference libraries), uploaded
+with boto3, then inspected, planned, converted and verified from ``s3://`` with an explicit
+endpoint (never ``$WEIGHTBRIDGE_S3_ENDPOINT``): the output must be byte-identical to converting
+the local file, planning must fetch only headers, and a conversion about each tensor's bytes
+once (`weightbridge.io._remote.fetch_stats` counts every ranged GET). An unreachable endpoint
+must end in a named error, never a hang (the generous timeouts only catch hangs).
+"""
+
+from __future__ import annotations
+
+import email.utils
+import http.server
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import zipfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import ml_dtypes
+import numpy as np
+import pytest
+
+from weightbridge import api
+from weightbridge.errors import FormatError, UnknownFormatError
+from weightbridge.io import _remote, detect_format, open_reader, write_checkpoint
+from weightbridge.io._kvstore import ENDPOINT_ENV
+from weightbridge.io._obstore import StoreUnreachable
+
+moto_server = pytest.importorskip("moto.server")
+boto3 = pytest.importorskip("boto3")
+pytest.importorskip("obstore")
+
+BUCKET = "wb-remote-sources"
+# Only catches hangs: every request has its own deadline well inside it.
+CHILD_TIMEOUT = 180
+
+
+@pytest.fixture(scope="module")
+def s3() -> Iterator[tuple[str, Any]]:
+    import logging
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    try:
+        host, port = server.get_host_and_port()
+        endpoint = f"http://{host}:{port}"
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("AWS_ACCESS_KEY_ID", "testing")
+            mp.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+            mp.setenv("AWS_EC2_METADATA_DISABLED", "true")
+            for name in (ENDPOINT_ENV, "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL"):
+                mp.delenv(name, raising=False)  # --endpoint / endpoint= must do it alone
+            client = boto3.client(
+                "s3",
+                endpoint_url=endpoint,
+                region_name="us-east-1",
+                config=boto3.session.Config(connect_timeout=5, read_timeout=30),
+            )
+            client.create_bucket(Bucket=BUCKET)
+            yield endpoint, client
+    finally:
+        server.stop()
+
+
+def _arrays() -> dict[str, np.ndarray]:
+    """Tensors of 0.5-2 MiB (and one tiny), so that headers are a small part of every file."""
+    rng = np.random.default_rng(11)
+    return {
+        "embed.weight": rng.standard_normal((1024, 512)).astype(np.float32),
+        "layer.0.attn.weight": rng.standard_normal((512, 512)).astype(np.float32),
+        "layer.0.attn.bias": rng.standard_normal(512).astype(np.float32),
+        "layer.0.mlp.weight": rng.standard_normal((1024, 512)).astype(ml_dtypes.bfloat16),
+        "layer.1.mlp.weight": rng.standard_normal((512, 512)).astype(np.float16),
+        "head.weight": rng.integers(-100, 100, (256, 512)).astype(np.int32),
+    }
+
+
+def _upload(client: Any, local: Path, prefix: str) -> str:
+    """Upload a file or a directory's files under `prefix`; returns the s3:// URL."""
+    if local.is_file():
+        client.upload_file(str(local), BUCKET, prefix)
+    else:
+        for f in sorted(local.rglob("*")):
+            if f.is_file():
+                client.upload_file(str(f), BUCKET, f"{prefix}/{f.relative_to(local).as_posix()}")
+    return f"s3://{BUCKET}/{prefix}"
+
+
+def _fetched(prefix: str) -> tuple[int, int]:
+    """(requests, bytes) of ranged GETs so far for objects under `prefix`."""
+    stats = _remote.fetch_stats()
+    found = [v for url, v in stats.items() if url.startswith(prefix)]
+    return sum(r for r, _ in found), sum(b for _, b in found)
+
+
+def _stored_bytes(client: Any, prefix: str) -> int:
+    key = prefix[len(f"s3://{BUCKET}/") :]
+    pages = client.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=key)
+    return sum(o["Size"] for page in pages for o in page.get("Contents", []))
+
+
+def _outputs(out: Path) -> dict[str, bytes]:
+    """The converted files of an output directory (weights and index, not plan or journal)."""
+    return {
+        p.name: p.read_bytes()
+        for p in sorted(out.iterdir())
+        if p.is_file() and not p.name.startswith(".")
+    }
+
+
+# -- writers: one checkpoint per format, written by weightbridge or the reference library -------
+
+
+def _write_safetensors(d: Path, arrays: dict[str, np.ndarray]) -> Path:
+    from safetensors.numpy import save_file
+
+    path = d / "model.safetensors"
+    save_file(arrays, str(path))
+    return path
+
+
+def _write_sharded(d: Path, arrays: dict[str, np.ndarray]) -> Path:
+    single = d / "single" / "model.safetensors"
+    single.parent.mkdir()
+    write_checkpoint(str(single), arrays)
+    out = d / "sharded"
+    api.convert(str(single), str(out), max_shard_size="1500KB")
+    assert (out / "model.safetensors.index.json").exists()
+    assert len(list(out.glob("*.safetensors"))) > 2
+    return out
+
+
+def _write_hf_folder(d: Path, arrays: dict[str, np.ndarray]) -> Path:
+    folder = d / "hf"
+    folder.mkdir()
+    write_checkpoint(str(folder / "model.safetensors"), arrays)
+    (folder / "config.json").write_text('{"model_type": "toy"}')
+    (folder / "tokenizer.json").write_text("{}")
+    return folder
+
+
+def _write_torch_own(d: Path, arrays: dict[str, np.ndarray]) -> Path:
+    path = d / "pytorch_model.bin"
+    write_checkpoint(str(path), arrays)  # weightbridge's torch.save-compatible writer
+    return path
+
+
+def _write_npz(d: Path, arrays: dict[str, np.ndarray]) -> Path:
+    path = d / "weights.npz"
+    np.savez(path, **{k: v for k, v in arrays.items() if v.dtype != ml_dtypes.bfloat16})
+    return path
+
+
+def _write_npz_own(d: Path, arrays: dict[str, np.ndarray]) -> Path:
+    path = d / "weights.npz"
+    write_checkpoint(str(path), arrays)  # records bf16 in the archive comment
+    return path
+
+
+def _write_npy(d: Path, arrays: dict[str, np.ndarray]) -> Path:
+    path = d / "embed.npy"
+    np.save(path, arrays["embed.weight"])
+    return path
+
+
+def _write_h5py(d: Path, arrays: dict[str, np.ndarray]) -> Path:
+    import h5py
+
+    path = d / "tf_model.h5"
+    with h5py.File(path, "w") as f:
+        for name, a in arrays.items():
+            if a.dtype != ml_dtypes.bfloat16:
+                f.create_dataset(name.replace(".", "/"), data=a)
+        f.create_dataset("chunked/kernel", data=arrays["embed.weight"], chunks=(64, 64))
+    return path
+
+
+def _write_h5_own(d: Path, arrays: dict[str, np.ndarray]) -> Path:
+    path = d / "weights.h5"
+    write_checkpoint(str(path), arrays)
+    return path
+
+
+def _write_keras(d: Path, arrays: dict[str, np.ndarray]) -> Path:
+    """A Keras 3 archive: config beside ``model.weights.h5``, stored uncompressed."""
+    weights = d / "model.weights.h5"
+    write_checkpoint(str(weights), arrays)
+    path = d / "model.keras"
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as zf:
+        zf.writestr("config.json", '{"class_name": "Sequential"}')
+        zf.write(weights, "model.weights.h5")
+    weights.unlink()
+    return path
+
+
+def _write_gguf(d: Path, arrays: dict[str, np.ndarray]) -> Path:
+    path = d / "model.gguf"
+    write_checkpoint(str(path), arrays)
+    return path
+
+
+def _write_msgpack(d: Path, arrays: dict[str, np.ndarray]) -> Path:
+    path = d / "flax_model.msgpack"
+    write_checkpoint(str(path), arrays)
+    return path
+
+
+WRITERS = {
+    "safetensors": _write_safetensors,
+    "sharded": _write_sharded,
+    "hf-folder": _write_hf_folder,
+    "torch": _write_torch_own,
+    "npz": _write_npz,
+    "npz-weightbridge": _write_npz_own,
+    "npy": _write_npy,
+    "h5py": _write_h5py,
+    "h5-weightbridge": _write_h5_own,
+    "keras": _write_keras,
+    "gguf": _write_gguf,
+    "msgpack": _write_msgpack,
+}
+
+
+def _roundtrip(s3: tuple[str, Any], tmp_path: Path, local: Path, prefix: str) -> None:
+    """Inspect, plan, convert and verify `local` from S3; compare with the local conversion
+    and count the bytes fetched in each phase."""
+    endpoint, client = s3
+    url = _upload(client, local, prefix)
+    stored = _stored_bytes(client, url)
+
+    _, before = _fetched(url)
+    remote_spec = api.inspect(url, endpoint=endpoint)
+    plan = api.plan(url, endpoint=endpoint)
+    _, after = _fetched(url)
+    assert remote_spec == api.inspect(str(local))
+    assert plan.to_json() == api.plan(str(local)).to_json()
+    planning = after - before
+    # Headers only: the first window of each object, and a small window at each header
+    # scattered through a file (a zip member's, an HDF5 dataset's), never the tensors.
+    objects = max(1, len(list(local.rglob("*"))) if local.is_dir() else 1)
+    headers = objects * _remote.FIRST_BLOCK + 2 * len(remote_spec) * _remote.WINDOW
+    # (+128 KiB: zipfile reads the last 64 KiB of an archive with a comment, as the npz of
+    # weightbridge has.)
+    assert planning <= headers + (128 << 10), (planning, stored)
+    assert planning < stored / 10, (planning, stored)
+
+    out_local, out_remote = tmp_path / "out-local", tmp_path / "out-remote"
+    api.convert(str(local), str(out_local))
+    _, before = _fetched(url)
+    api.convert(url, str(out_remote), endpoint=endpoint)
+    _, after = _fetched(url)
+    assert _outputs(out_remote) == _outputs(out_local)
+    tensors = remote_spec.nbytes
+    # Each tensor's bytes once, plus headers: not the whole file several times.
+    assert tensors <= after - before <= tensors + headers + (256 << 10), (after - before, tensors)
+
+    assert api.verify(url, str(out_remote), endpoint=endpoint) == len(remote_spec)
+
+
+@pytest.mark.parametrize("kind", sorted(WRITERS))
+def test_format_from_s3(s3: tuple[str, Any], tmp_path: Path, kind: str) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    local = WRITERS[kind](src, _arrays())
+    _roundtrip(s3, tmp_path, local, f"formats/{kind}/{local.name}")
+
+
+@pytest.mark.torch
+def test_torch_save_from_s3(s3: tuple[str, Any], tmp_path: Path) -> None:
+    import torch
+
+    arrays = {k: v for k, v in _arrays().items() if v.dtype != ml_dtypes.bfloat16}
+    state = {k: torch.from_numpy(v.copy()) for k, v in arrays.items()}
+    state["tied.weight"] = state["embed.weight"]  # shares a storage: read once per tensor
+    state["bf16.weight"] = torch.randn(256, 128).to(torch.bfloat16)
+    local = tmp_path / "pytorch_model.bin"
+    torch.save(state, local)
+    _roundtrip(s3, tmp_path, local, "formats/torch.save/pytorch_model.bin")
+
+
+def test_zarr_still_read_through_tensorstore(s3: tuple[str, Any], tmp_path: Path) -> None:
+    """zarr/orbax prefixes go to tensorstore as before, now with the same endpoint option."""
+    pytest.importorskip("tensorstore")
+    endpoint, client = s3
+    single = _write_safetensors(tmp_path, _arrays())
+    api.convert(str(single), str(tmp_path / "zarr"), format="zarr")
+    url = _upload(client, tmp_path / "zarr", "zarr/ckpt")
+    with _remote.remote_options(endpoint=endpoint):
+        assert detect_format(url) == "tensorstore"
+    assert api.inspect(url, endpoint=endpoint) == api.inspect(str(tmp_path / "zarr"))
+
+
+def test_tensor_reads_parts_prefetch_and_a_replaced_object(
+    s3: tuple[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Large tensors come in parallel parts, prefetched ones are not fetched twice, and an
+    object replaced after its header was read is an error, not a mix of two checkpoints."""
+    endpoint, client = s3
+    arrays = _arrays()
+    local = _write_safetensors(tmp_path, arrays)
+    url = _upload(client, local, "reads/model.safetensors")
+    monkeypatch.setattr(_remote, "PART_BYTES", 256 << 10)  # the 2 MiB tensor: 8 parts
+    with _remote.remote_options(endpoint=endpoint), open_reader(url) as reader:
+        requests, before = _fetched(url)
+        np.testing.assert_array_equal(reader.read("embed.weight"), arrays["embed.weight"])
+        got_requests, after = _fetched(url)
+        assert (got_requests - requests, after - before) == (8, arrays["embed.weight"].nbytes)
+
+        reader.prefetch("layer.0.attn.weight")
+        np.testing.assert_array_equal(
+            reader.read("layer.0.attn.weight"), arrays["layer.0.attn.weight"]
+        )
+        _, after_prefetch = _fetched(url)
+        assert after_prefetch - after == arrays["layer.0.attn.weight"].nbytes
+
+        client.put_object(
+            Bucket=BUCKET, Key="reads/model.safetensors", Body=local.read_bytes()[::-1]
+        )
+        with pytest.raises(FormatError, match="changed while weightbridge was reading it"):
+            reader.read("head.weight")
+
+
+def test_sharded_index_names_missing_shard(s3: tuple[str, Any], tmp_path: Path) -> None:
+    endpoint, client = s3
+    local = _write_sharded(tmp_path, _arrays())
+    shards = sorted(local.glob("*.safetensors"))
+    shards[-1].unlink()
+    url = _upload(client, local, "broken/sharded")
+    with pytest.raises(FormatError, match="does not exist"):
+        api.inspect(url, endpoint=endpoint)
+
+
+def test_missing_object_and_prefix(s3: tuple[str, Any]) -> None:
+    endpoint, _ = s3
+    with pytest.raises(UnknownFormatError, match="no such object"):
+        api.inspect(f"s3://{BUCKET}/nothing/here.safetensors", endpoint=endpoint)
+
+
+class _RangeServer(http.server.BaseHTTPRequestHandler):
+    """A static file server that answers HEAD and ranged GETs, as a CDN or the Hub does."""
+
+    root = Path()
+
+    def _target(self) -> Path | None:
+        path = self.root / self.path.lstrip("/")
+        return path if path.is_file() else None
+
+    def _headers(self, path: Path) -> None:
+        stat = path.stat()
+        self.send_header("Accept-Ranges", "bytes")
+        self.send_header("ETag", f'"{stat.st_mtime_ns:x}-{stat.st_size:x}"')
+        self.send_header("Last-Modified", email.utils.formatdate(stat.st_mtime, usegmt=True))
+
+    def do_HEAD(self) -> None:
+        path = self._target()
+        if path is None:
+            self.send_error(404)
+            return
+        self.send_response(200)
+        self.send_header("Content-Length", str(path.stat().st_size))
+        self._headers(path)
+        self.end_headers()
+
+    def do_GET(self) -> None:
+        path = self._target()
+        if path is None:
+            self.send_error(404)
+            return
+        data = path.read_bytes()
+        first, last = 0, len(data) - 1
+        wanted = self.headers.get("Range", "")
+        if wanted.startswith("bytes="):
+            a, _, b = wanted[len("bytes=") :].partition("-")
+            first, last = int(a), min(int(b) if b else last, last)
+            self.send_response(206)
+            self.send_header("Content-Range", f"bytes {first}-{last}/{len(data)}")
+        else:
+            self.send_response(200)
+        self.send_header("Content-Length", str(last - first + 1))
+        self._headers(path)
+        self.end_headers()
+        self.wfile.write(data[first : last + 1])
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+def test_https_source(tmp_path: Path) -> None:
+    """A file served over http(s) is read by ranged GETs too: no listing, no credentials."""
+    local = _write_safetensors(tmp_path, _arrays())
+    handler = type("Handler", (_RangeServer,), {"root": tmp_path})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/model.safetensors"
+        assert detect_format(url) == "safetensors"
+        _, before = _fetched(url)
+        assert api.inspect(url) == api.inspect(str(local))
+        _, after = _fetched(url)
+        assert after - before < local.stat().st_size / 10
+        api.convert(url, str(tmp_path / "out"))
+        assert api.verify(str(local), str(tmp_path / "out")) == len(_arrays())
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=CHILD_TIMEOUT)
+
+
+def test_cli_inspect_plan_convert_verify(s3: tuple[str, Any], tmp_path: Path) -> None:
+    """The command line, in a child process: --endpoint reaches the sources of every command."""
+    endpoint, client = s3
+    local = _write_sharded(tmp_path, _arrays())
+    url = _upload(client, local, "cli/ckpt")
+    env = {k: v for k, v in os.environ.items() if k not in (ENDPOINT_ENV, "AWS_ENDPOINT_URL")}
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "weightbridge", *args, "--endpoint", endpoint],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=CHILD_TIMEOUT,
+        )
+
+    shown = run("inspect", url, "--json")
+    assert shown.returncode == 0, shown.stderr
+    assert json.loads(shown.stdout) == api.inspect(str(local)).to_json()
+    planned = run("plan", url, "--to", "flax", "-o", str(tmp_path / "plan.json"))
+    assert planned.returncode == 0, planned.stderr
+    out = tmp_path / "out"
+    converted = run("convert", url, "-o", str(out), "--plan", str(tmp_path / "plan.json"))
+    assert converted.returncode == 0, converted.stderr
+    verified = run("verify", url, str(out))
+    assert verified.returncode == 0, verified.stderr
+    assert "verified" in verified.stdout
+    # And into the same object store (the destination takes --endpoint as before).
+    to_s3 = run("convert", url, "-o", f"s3://{BUCKET}/cli/out", "--max-shard-size", "1MB")
+    assert to_s3.returncode == 0, to_s3.stderr
+
+
+def _closed_port() -> int:
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = int(sock.getsockname()[1])
+    sock.close()
+    return port
+
+
+def test_unreachable_endpoint_is_a_named_error(tmp_path: Path) -> None:
+    endpoint = f"http://127.0.0.1:{_closed_port()}"
+    with pytest.raises(StoreUnreachable, match=r"127\.0\.0\.1.*did not answer"):
+        api.inspect(f"s3://{BUCKET}/ckpt/model.safetensors", endpoint=endpoint)
+
+
+def test_cli_unreachable_endpoint_ends(tmp_path: Path) -> None:
+    """The command that used to hang: convert s3://... --endpoint <nothing there>."""
+    env = {
+        **{k: v for k, v in os.environ.items() if k != ENDPOINT_ENV},
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_EC2_METADATA_DISABLED": "true",
+    }
+    endpoint = f"http://127.0.0.1:{_closed_port()}"
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "weightbridge",
+            "convert",
+            f"s3://{BUCKET}/ckpt",
+            "-o",
+            str(tmp_path / "out"),
+            "--endpoint",
+            endpoint,
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=CHILD_TIMEOUT,
+    )
+    assert done.returncode == 2, done.stderr
+    assert "did not answer" in done.stderr and endpoint in done.stderr, done.stderr
