@@ -489,3 +489,17 @@ def test_cli_unreachable_endpoint_ends(tmp_path: Path) -> None:
     )
     assert done.returncode == 2, done.stderr
     assert "did not answer" in done.stderr and endpoint in done.stderr, done.stderr
+
+
+def test_processes_executor_reads_the_source_with_the_runs_endpoint(
+    s3: tuple[str, Any], tmp_path: Path
+) -> None:
+    """Worker processes read an s3:// source themselves, from the endpoint the conversion was
+    given (endpoint=, not the environment: the fixture clears it), byte-identical to threads."""
+    endpoint, client = s3
+    url = _upload(client, _write_sharded(tmp_path, _arrays()), "procs/ckpt")
+    threads, procs = tmp_path / "threads", tmp_path / "procs"
+    api.convert(url, str(threads), endpoint=endpoint, max_shard_size="1MB")
+    api.convert(url, str(procs), endpoint=endpoint, max_shard_size="1MB", executor="processes:2")
+    assert _outputs(procs) == _outputs(threads)
+    assert len([p for p in _outputs(threads) if p.endswith(".safetensors")]) > 1

@@ -44,6 +44,7 @@ from weightbridge import io as wio
 from weightbridge._files import is_url
 from weightbridge.compare import compare_values
 from weightbridge.errors import ConversionError, PlanError, VerifyError, WeightbridgeError
+from weightbridge.io._remote import current_options
 from weightbridge.io.base import Reader, UnionReader
 from weightbridge.plan import Plan
 from weightbridge.planning.shards import (
@@ -407,10 +408,13 @@ def tasks_of(job: _Job) -> list[ShardTask]:
     if isinstance(where, str) and not is_url(where):
         where = os.path.abspath(where)
     index = {s.name: i for i, s in enumerate(job.shards)}
+    source = job.reader.path if is_url(job.reader.path) else os.path.abspath(job.reader.path)
+    options = current_options()
+    read_from = {"endpoint": options.endpoint, "aws_region": options.aws_region}
     return [
         ShardTask(
             plan,
-            os.path.abspath(job.reader.path),
+            source,
             where,
             job.format,
             job.limit,
@@ -420,6 +424,7 @@ def tasks_of(job: _Job) -> list[ShardTask]:
             job.job,
             job.metadata,
             job.dest_options,
+            read_from,
         )
         for s in job.todo
     ]

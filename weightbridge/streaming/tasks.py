@@ -22,6 +22,7 @@ from typing import Any
 
 from weightbridge import io as wio
 from weightbridge.errors import ConversionError
+from weightbridge.io._remote import remote_options
 from weightbridge.io.zarr import STATE_PREFIX
 from weightbridge.plan import Plan
 from weightbridge.planning.shards import Shard, assign_shards
@@ -63,6 +64,9 @@ class ShardTask:
     job: str
     metadata: dict[str, str] | None = None
     dest_options: dict[str, Any] = field(default_factory=dict)
+    # Where an object-URL source is read from (``endpoint``, ``aws_region``): the options the
+    # conversion ran with, which a worker process does not inherit (`io._remote.remote_options`).
+    source_options: dict[str, str | None] = field(default_factory=dict)
 
 
 def record_name(shard: str) -> str:
@@ -117,7 +121,7 @@ def produce_shard(task: ShardTask) -> ShardRecord:
             f"{shard.name}); run the same weightbridge version everywhere"
         )
     target = destination_for(task.dest, format=task.format, **task.dest_options)
-    with wio.open_reader(task.source) as reader:
+    with remote_options(**task.source_options), wio.open_reader(task.source) as reader:
         plan.validate(reader.specs())
         sink, digest = fill_shard(reader, shard, target, format=task.format, metadata=task.metadata)
         size = commit_shard(sink, target, shard)
