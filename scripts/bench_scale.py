@@ -131,12 +131,12 @@ def estimate(results: list[dict[str, Any]], workers: int, overhead: float | None
     nic = 1.25e9 / 2  # 10 Gb/s NIC, each byte crosses it twice (read source, write output)
     rate = min(per_machine, nic)
     tb = 1e12
-    shard = 64 << 20  # object-store byte-format shards (MAX_OBJECT_BYTES)
+    shard = 5 << 30  # object-store byte-format shards: multipart uploads, --max-shard-size 5GB
     tasks = tb / shard
     task_cost = overhead if overhead is not None else 0.05
     print(f"\nmeasured: best {best / 1e6:.0f} MB/s on this machine ({workers} workers on 2 cores);"
           f" per-task overhead {task_cost * 1e3:.0f} ms")  # fmt: skip
-    print(f"1 TB in {tasks:.0f} shards of 64 MiB; per machine min(disk {per_machine / 1e6:.0f} MB/s,"
+    print(f"1 TB in {tasks:.0f} shards of 5 GiB; per machine min(disk {per_machine / 1e6:.0f} MB/s,"
           f" NIC 10 Gb/s halved = {nic / 1e6:.0f} MB/s)")  # fmt: skip
     for n in (1, 8, 32, 128):
         bytes_s = tb / (n * rate)
