@@ -295,3 +295,33 @@ def test_rerunning_a_finished_conversion_writes_no_shard(tmp_path: Path) -> None
         assert (now.st_ino, now.st_mtime_ns, now.st_size) == (st.st_ino, st.st_mtime_ns, st.st_size)
     assert (dest / INDEX).read_bytes() == index
     assert temporaries(dest) == []
+
+
+def test_a_resume_trusts_unchanged_shards_by_stamp_and_rehashes_touched_ones(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A part of a partitioned run leaves its shards' records (with the file's size, mtime and
+    inode): the run that finishes the job does not read them again, except a shard whose file
+    was touched since, which is hashed (and, being unchanged, kept)."""
+    from weightbridge.streaming import convert as convert_mod
+
+    src = make_checkpoint(tmp_path / "src", scale=4)
+    opts = options(4)
+    dest = tmp_path / "out"
+    part = api.convert(src, dest, partition=(1, 2), **opts)
+    assert 0 < len(part.written) < N_SHARDS
+    touched = sorted(part.written)[0]
+    os.utime(dest / touched, ns=(1, 1))  # same bytes, another mtime
+
+    hashed: list[str] = []
+    real = convert_mod.hash_shard
+
+    def counting(reader: object, shard: object) -> str:
+        hashed.append(shard.name)  # type: ignore[attr-defined]
+        return real(reader, shard)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(convert_mod, "hash_shard", counting)
+    rest = api.convert(src, dest, **opts)
+    assert sorted(rest.skipped) == sorted(part.written)
+    assert hashed == [touched]
+    assert api.verify(src, dest) == 16

@@ -324,6 +324,21 @@ def download_file(store: Any, key: str, path: str, *, url: str, endpoint: str | 
     return size
 
 
+def object_etag(store: Any, key: str, *, url: str, endpoint: str | None = None) -> str | None:
+    """The ETag of the object `key` with its size (one HEAD request), None if there is none."""
+    obstore = obstore_module()
+    try:
+        head = obstore.head(store, key)
+    except Exception as e:
+        if isinstance(e, FileNotFoundError) or "NotFound" in type(e).__name__:
+            return None
+        if _from_obstore(e):
+            raise describe_failure(f"{url.rstrip('/')}/{key}", e, endpoint) from e
+        raise
+    etag = head.get("e_tag")
+    return f"{head['size']}:{etag}" if etag else None
+
+
 def object_size(store: Any, key: str, *, url: str, endpoint: str | None = None) -> int | None:
     """The size of the object `key` (one HEAD request), None if there is none."""
     obstore = obstore_module()

@@ -573,11 +573,20 @@ def _prepare_destination(
 def _committed_shards(journal: Journal, shards: list[Shard], job: str) -> set[str]:
     """Shards recorded (in the journal, or by their own record from a task or a partition run)
     whose files still exist with the recorded size and hash. Verified records are kept in the
-    journal, so the completed journal lists every shard however it was produced."""
+    journal, so the completed journal lists every shard however it was produced.
+
+    A record that carries the destination's stamp of the shard (size, mtime and inode of a
+    file; an object's ETag) is trusted when the stamp is unchanged: resuming a conversion
+    killed at 90% then reads nothing of what it wrote. Without one, the shard is hashed again.
+    """
     done = set()
     recorded = journal.recorded([s.name for s in shards])  # one listing, small reads
     for shard in shards:
         rec = recorded.get(shard.name)
+        if rec and rec.get("stamp") and journal.dest.stamp(shard.name) == rec["stamp"]:
+            done.add(shard.name)
+            journal.shards[shard.name] = {"size": rec["size"], "checksum": rec["checksum"]}
+            continue
         if not rec or journal.dest.size(shard.name) != rec.get("size"):
             journal.shards.pop(shard.name, None)
             continue

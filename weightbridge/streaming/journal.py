@@ -89,7 +89,9 @@ class Journal:
 
     def record(self, shard: str, size: int, checksum: str) -> None:
         """`shard` is committed: write its own record (the journal file is not rewritten)."""
-        write_record(self.dest, self.job, ShardRecord(shard, size, checksum))
+        stamp = self.dest.stamp(shard)
+        write_record(self.dest, self.job, ShardRecord(shard, size, checksum, stamp))
+        # (the stamp stays in the record: the journal's bytes must not depend on the run)
         self.shards[shard] = {"size": size, "checksum": checksum}
 
     def recorded(self, names: Sequence[str]) -> dict[str, dict[str, Any]]:

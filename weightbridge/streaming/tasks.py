@@ -42,6 +42,8 @@ class ShardRecord:
     name: str
     size: int
     checksum: str
+    # The destination's stamp of the committed shard (`Destination.stamp`), None if it has none.
+    stamp: str | None = None
 
 
 @dataclass(frozen=True)
@@ -75,9 +77,10 @@ def record_name(shard: str) -> str:
 
 
 def write_record(dest: Destination, job: str, record: ShardRecord) -> None:
-    dest.write_json(
-        record_name(record.name), {"job": job, "size": record.size, "checksum": record.checksum}
-    )
+    obj: dict[str, Any] = {"job": job, "size": record.size, "checksum": record.checksum}
+    if record.stamp is not None:
+        obj["stamp"] = record.stamp
+    dest.write_json(record_name(record.name), obj)
 
 
 def read_record(dest: Destination, job: str, shard: str) -> dict[str, Any] | None:
@@ -88,7 +91,7 @@ def read_record(dest: Destination, job: str, shard: str) -> dict[str, Any] | Non
         return None
     if not isinstance(obj, dict) or obj.get("job") != job:
         return None
-    return {"size": obj.get("size"), "checksum": obj.get("checksum")}
+    return {"size": obj.get("size"), "checksum": obj.get("checksum"), "stamp": obj.get("stamp")}
 
 
 def _shards(task: ShardTask) -> tuple[Plan, list[Shard]]:
@@ -125,7 +128,7 @@ def produce_shard(task: ShardTask) -> ShardRecord:
         plan.validate(reader.specs())
         sink, digest = fill_shard(reader, shard, target, format=task.format, metadata=task.metadata)
         size = commit_shard(sink, target, shard)
-    record = ShardRecord(shard.name, size, digest)
+    record = ShardRecord(shard.name, size, digest, target.stamp(shard.name))
     write_record(target, task.job, record)
     return record
 

@@ -58,6 +58,12 @@ class Destination(Protocol):
 
     def size(self, name: str) -> int | None: ...
 
+    def stamp(self, name: str) -> str | None:
+        """What identifies `name` as stored now, changed by any rewrite (a file's size, mtime
+        and inode; an object's ETag), or None where there is no such thing. A shard whose
+        stamp equals its record's is trusted on resume without reading it again."""
+        ...
+
     def remove(self, name: str) -> None: ...
 
     def remove_temporaries(self, names: Sequence[str] | None = None) -> None:

@@ -97,6 +97,13 @@ class LocalDirectory:
         path = self._path(name)
         return os.path.getsize(path) if os.path.isfile(path) else None
 
+    def stamp(self, name: str) -> str | None:
+        try:
+            st = os.stat(self._path(name))
+        except OSError:
+            return None
+        return f"{st.st_size}:{st.st_mtime_ns}:{st.st_ino}"
+
     def remove(self, name: str) -> None:
         _remove(self._path(name))
 

@@ -325,6 +325,18 @@ class TensorstoreDestination:
     def exists(self, name: str) -> bool:
         return self.store.exists(self._key(name))
 
+    def stamp(self, name: str) -> str | None:
+        # The ETag of an uploaded object (obstore); array shards and single PUTs through
+        # tensorstore have none here, so they are read again on resume.
+        if self.is_array_shard(name) or not self.multipart:
+            return None
+        return _obstore.object_etag(
+            self.objects,
+            self.object_key(name),
+            url=self.bucket_url,
+            endpoint=self.options.get("endpoint"),
+        )
+
     def size(self, name: str) -> int | None:
         if self.is_array_shard(name):
             record = self.store.read_json(self._key(name))
