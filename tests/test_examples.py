@@ -37,6 +37,14 @@ CASES = {
         "OK: the reviewed plan was applied as edited to both checkpoints, and refused for another",
     ),
     "08_gguf_out.py": (("gguf",), "OK: gguf reads all 8 tensors of model.gguf"),
+    "09_llama_torch_to_flax.py": (
+        ("torch", "jax", "transformers"),
+        "OK: the Flax LLaMA computes the PyTorch LLaMA's logits",
+    ),
+    "10_torchvision_to_timm.py": (
+        ("torch", "torchvision"),
+        "OK: timm's resnet18 computes what torchvision's does",
+    ),
 }
 
 # A hung script fails the test instead of the whole CI run; each takes seconds.
