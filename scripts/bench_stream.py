@@ -1,22 +1,28 @@
 """Benchmark the streaming converter against `cp` and a naive load/transpose/save.
 
 Builds a synthetic llama-like bf16 checkpoint (Hugging Face names, ~1 GB safetensors shards and
-``model.safetensors.index.json``), then times, each in its own process and each starting from
-cold source files:
+``model.safetensors.index.json``), then runs interleaved rounds (``--pairs``, default 3), each
+in its own process, for two conditions (``--cache``): the source evicted from the page cache
+before each run (``drop_caches`` when permitted, else ``posix_fadvise(DONTNEED)``; the script
+says which), and the source already cached:
 
 * ``cp`` of the shard files (+ ``sync``): the disk's own speed, the target to match;
 * ``weightbridge convert`` to Flax-like names, every 2-D non-embedding weight transposed
   (the converter fsyncs each shard; a ``sync`` follows for parity with ``cp``);
-* the naive way: ``safetensors.numpy.load_file`` per shard, ``np.ascontiguousarray(w.T)``,
-  ``save_file``, ``sync``.
+* with ``--ab VAR=VALUE``, weightbridge again with that environment variable set (an A/B of an
+  experimental switch, in the same rounds);
+* once, cold, the naive way: ``safetensors.numpy.load_file`` per shard,
+  ``np.ascontiguousarray(w.T)``, ``save_file``, ``sync``.
 
-While each runs, ``/proc/<pid>/status`` is polled every 20 ms for ``RssAnon`` (anonymous memory:
-what a memory bound is about; mapped file pages are reclaimable page cache) and ``VmHWM``.
-Prints figures only; nothing here asserts on timings. Targets: ours at least 0.9x the speed
-of ``cp``, and its peak ``RssAnon`` at most the largest tensor + 256 MB.
+Per run: wall time (with the ``sync``), the child's user and system time (``os.wait4``), MB/s
+and the ratio to the same round's ``cp``; then the medians. While each runs,
+``/proc/<pid>/status`` is polled every 20 ms for ``RssAnon`` (anonymous memory: what a memory
+bound is about; mapped file pages are reclaimable page cache). Prints figures only; nothing
+here asserts on timings. Targets: ours at least 0.9x the speed of ``cp`` (median of the paired
+ratios), and its peak ``RssAnon`` at most the largest tensor + 256 MB.
 
-    python scripts/bench_stream.py --size 1GB
-    python scripts/bench_stream.py --size 4GB --dir /data/bench --keep
+    python scripts/bench_stream.py --size 2GB --pairs 3
+    python scripts/bench_stream.py --size 4GB --dir /data/bench --keep --cache cold
 """
 
 from __future__ import annotations
@@ -25,13 +31,13 @@ import argparse
 import json
 import os
 import random
-import resource
 import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -49,6 +55,8 @@ VOCAB = 32000
 SHARD_BYTES = 10**9
 MEMORY_SLACK = 256 * 10**6
 POLL_SECONDS = 0.02
+# A method's command line and its environment (None: this process's own).
+Command = tuple[list[str], dict[str, str] | None]
 
 # HF llama names -> Flax-like names; the pytorch->flax layout then turns `weight` into
 # `kernel` (transposed), `scale` (norms) or `embedding` (never transposed).
@@ -175,33 +183,39 @@ def _status(pid: int) -> dict[str, int]:
 @dataclass
 class Run:
     seconds: float
-    cpu_seconds: float
+    user_seconds: float
+    sys_seconds: float
     peak_rss_anon: int
     vm_hwm: int
 
+    @property
+    def cpu_seconds(self) -> float:
+        return self.user_seconds + self.sys_seconds
 
-def run_polled(cmd: list[str]) -> Run:
-    """Run `cmd`, polling its RssAnon/VmHWM every 20 ms; then `sync`. Time covers both.
 
-    CPU time (user + system of the child and the sync) is reported too: unlike wall time it
-    hardly changes when other processes share the machine.
+def run_polled(cmd: list[str], env: dict[str, str] | None = None) -> Run:
+    """Run `cmd`, polling its RssAnon/VmHWM every 20 ms; then `sync`. Wall time covers both.
+
+    User and system time are the child's own (`os.wait4`), the `sync` excluded: unlike wall
+    time they hardly change when other processes share the machine.
     """
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.perf_counter()
-    proc = subprocess.Popen(cmd)
+    proc = subprocess.Popen(cmd, env=env)
     peak, hwm = 0, 0
-    while proc.poll() is None:
+    while True:
+        pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+        if pid:
+            break
         s = _status(proc.pid)
         peak = max(peak, s.get("RssAnon", 0))
         hwm = max(hwm, s.get("VmHWM", 0))
         time.sleep(POLL_SECONDS)
+    proc.returncode = os.waitstatus_to_exitcode(status)
     if proc.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)[:200]}: failed with exit code {proc.returncode}")
     subprocess.run(["sync"], check=True)
     seconds = time.perf_counter() - started
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-    return Run(seconds, cpu, peak, hwm)
+    return Run(seconds, usage.ru_utime, usage.ru_stime, peak, hwm)
 
 
 NAIVE = r"""
@@ -270,19 +284,33 @@ def check_sample(src: str, dest: str, pairs: list[tuple[str, str, bool]], k: int
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--size", default="4GB", help="checkpoint size, e.g. 4GB or 512MB")
+    ap.add_argument("--size", default="2GB", help="checkpoint size, e.g. 2GB or 512MB")
     ap.add_argument("--dir", help="work directory (default: a new one under /tmp)")
     ap.add_argument("--keep", action="store_true", help="keep the work directory")
     ap.add_argument("--skip-naive", action="store_true", help="skip the naive load/save method")
     ap.add_argument(
-        "--repeat", type=int, default=1, help="run each method N times; report the fastest"
+        "--pairs", type=int, default=3, help="interleaved cp/weightbridge pairs per condition"
+    )
+    ap.add_argument(
+        "--cache",
+        choices=("cold", "warm", "both"),
+        default="both",
+        help="source evicted from the page cache before each run, already cached, or both",
+    )
+    ap.add_argument(
+        "--ab",
+        metavar="VAR=VALUE",
+        help="also run weightbridge with this environment variable set, in every round",
     )
     args = ap.parse_args(argv)
 
     work = args.dir or tempfile.mkdtemp(prefix="wb-bench-", dir="/tmp")
     os.makedirs(work, exist_ok=True)
+    conditions = ["cold", "warm"] if args.cache == "both" else [args.cache]
     try:
-        return bench(work, parse_size(args.size), args.skip_naive, max(1, args.repeat))
+        return bench(
+            work, parse_size(args.size), args.skip_naive, max(1, args.pairs), conditions, args.ab
+        )
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
@@ -290,7 +318,22 @@ def main(argv: list[str] | None = None) -> int:
             print(f"kept {work}")
 
 
-def bench(work: str, size: int, skip_naive: bool, repeat: int) -> int:
+def warm_up(paths: list[str]) -> None:
+    """Read the files once so that they sit in the page cache."""
+    for p in paths:
+        with open(p, "rb") as f:
+            while f.read(64 << 20):
+                pass
+
+
+def bench(
+    work: str,
+    size: int,
+    skip_naive: bool,
+    pairs_n: int,
+    conditions: list[str],
+    ab: str | None,
+) -> int:
     print(f"load average before: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     print(
         "transposes: "
@@ -316,13 +359,14 @@ def bench(work: str, size: int, skip_naive: bool, repeat: int) -> int:
     print(f"plan: {len(pairs)} tensors, {transposed} transposed (2-D non-embedding weights)")
     dropped = drop_caches()
     print(
-        "page cache: "
+        "cold page cache: "
         + (
-            "dropped (sync; echo 3 > /proc/sys/vm/drop_caches)"
+            "sync; echo 3 > /proc/sys/vm/drop_caches, then"
             if dropped
-            else "global drop not permitted"
+            else "global drop not permitted, so"
         )
-        + " before each method, and the source files evicted with posix_fadvise(DONTNEED)"
+        + " sync + posix_fadvise(DONTNEED) on the source files before each run; every output"
+        " is fsynced and deleted after its run (its pages go with it)"
     )
 
     def cold() -> None:
@@ -333,6 +377,10 @@ def bench(work: str, size: int, skip_naive: bool, repeat: int) -> int:
         if left is not None and left > 0.01 * total:
             print(f"  warning: {left / 1e6:.0f} MB of the source still cached")
 
+    def warm() -> None:
+        subprocess.run(["sync"], check=True)
+        warm_up(files)
+
     mapping = os.path.join(work, "mapping.json")
     with open(mapping, "w") as f:
         json.dump({s: [t, tr] for s, t, tr in pairs}, f)
@@ -340,75 +388,92 @@ def bench(work: str, size: int, skip_naive: bool, repeat: int) -> int:
     ours += ["flax", "-q", "--max-shard-size", str(SHARD_BYTES)]
     for r in RENAMES:
         ours += ["--rename", r]
-    methods = {
-        "cp + sync": lambda out: ["cp", *files, out],
-        "weightbridge": lambda out: [*ours, "-o", out],
-        "naive load/.T/save": lambda out: [sys.executable, "-c", NAIVE, src, out, mapping],
+    methods: dict[str, Callable[[str], Command]] = {
+        "cp + sync": lambda out: (["cp", *files, out], None),
+        "weightbridge": lambda out: ([*ours, "-o", out], None),
     }
-    if skip_naive:
-        del methods["naive load/.T/save"]
+    if ab:
+        var, _, value = ab.partition("=")
+        env = {**os.environ, var: value}
+        methods[f"wb {ab}"] = lambda out: ([*ours, "-o", out], env)
+    checked: set[str] = set()
 
-    results: dict[str, Run] = {}
-    runs: dict[str, list[float]] = {name: [] for name in methods}
-    for attempt in range(repeat):
-        for name, command in methods.items():
-            out = os.path.join(work, "out")
-            shutil.rmtree(out, ignore_errors=True)  # left by an interrupted run in a reused --dir
-            os.makedirs(out)
-            cold()
-            run = run_polled(command(out))
-            if name != "cp + sync" and attempt == 0:
-                checked = check_sample(src, out, pairs, 12)
-                print(f"{name}: {checked} sampled tensors bit-identical to the source (.T)")
-            shutil.rmtree(out)
-            runs[name].append(run.seconds)
-            best = results.get(name)
-            if best is None or run.seconds < best.seconds:
-                results[name] = Run(
-                    run.seconds,
-                    run.cpu_seconds,
-                    max(run.peak_rss_anon, best.peak_rss_anon if best else 0),
-                    max(run.vm_hwm, best.vm_hwm if best else 0),
-                )
-            elif run.peak_rss_anon > best.peak_rss_anon:
-                best.peak_rss_anon = run.peak_rss_anon
+    def one(name: str, make: Callable[[str], Command], prepare: Callable[[], None]) -> Run:
+        out = os.path.join(work, "out")
+        shutil.rmtree(out, ignore_errors=True)  # left by an interrupted run in a reused --dir
+        os.makedirs(out)
+        prepare()
+        cmd, env = make(out)
+        run = run_polled(cmd, env)
+        if name != "cp + sync" and name not in checked:
+            n = check_sample(src, out, pairs, 12)
+            checked.add(name)
+            print(f"{name}: {n} sampled tensors bit-identical to the source (.T)")
+        shutil.rmtree(out)
+        return run
 
-    base = results["cp + sync"].seconds
-    print(f"load average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
-    print()
-    header = (
-        f"{'method':<20} {'seconds':>8} {'MB/s':>7} {'x cp':>6} {'CPU s':>6} "
-        f"{'RssAnon MB':>11} {'VmHWM MB':>9}"
-    )
-    print(header)
-    print("-" * len(header))
-    for name, r in results.items():
-        print(
-            f"{name:<20} {r.seconds:>8.2f} {total / r.seconds / 1e6:>7.0f} "
-            f"{base / r.seconds:>6.2f} {r.cpu_seconds:>6.2f} {r.peak_rss_anon / 1e6:>11.0f} "
-            f"{r.vm_hwm / 1e6:>9.0f}"
+    verdict = True
+    peak = 0
+    for cond in conditions:
+        prepare = cold if cond == "cold" else warm
+        runs: dict[str, list[Run]] = {name: [] for name in methods}
+        print(f"\n== {cond} source: {pairs_n} interleaved rounds ({', '.join(methods)})")
+        header = (
+            f"{'pair':>4} {'method':<34} {'wall s':>7} {'user s':>7} {'sys s':>7} {'MB/s':>6} "
+            f"{'wb/cp':>6}"
         )
-    mine = results["weightbridge"]
-    # The disk here is shared and its speed drifts between runs by up to 2x, so each attempt
-    # runs cp right before ours and the verdict is the median of those paired ratios.
-    paired = sorted(c / w for c, w in zip(runs["cp + sync"], runs["weightbridge"], strict=True))
-    ratio = statistics.median(paired)
-    print()
-    for name, times in runs.items():
-        print(f"{name:<20} runs (s): {' '.join(f'{t:.2f}' for t in times)}")
-    print(f"paired ratios (cp / ours, per attempt): {' '.join(f'{r:.2f}' for r in paired)}")
+        print(header)
+        print("-" * len(header))
+        for k in range(pairs_n):
+            for name, make in methods.items():
+                run = one(name, make, prepare)
+                runs[name].append(run)
+                peak = max(peak, run.peak_rss_anon) if name != "cp + sync" else peak
+                base = runs["cp + sync"][k].seconds
+                ratio = f"{run.seconds / base:6.2f}" if name != "cp + sync" else ""
+                print(
+                    f"{k + 1:>4} {name:<34} {run.seconds:>7.2f} {run.user_seconds:>7.2f} "
+                    f"{run.sys_seconds:>7.2f} {total / run.seconds / 1e6:>6.0f} {ratio}"
+                )
+        print("median:")
+        for name, rs in runs.items():
+            med = statistics.median(r.seconds for r in rs)
+            line = (
+                f"     {name:<34} {med:>7.2f} "
+                f"{statistics.median(r.user_seconds for r in rs):>7.2f} "
+                f"{statistics.median(r.sys_seconds for r in rs):>7.2f} {total / med / 1e6:>6.0f}"
+            )
+            if name != "cp + sync":
+                ratios = [r.seconds / c.seconds for r, c in zip(rs, runs["cp + sync"], strict=True)]
+                speed = 1 / statistics.median(ratios)
+                line += f" {statistics.median(ratios):6.2f}  -> {speed:.2f}x cp's speed"
+                if name == "weightbridge":
+                    verdict &= speed >= 0.9
+            print(line)
+
+    if not skip_naive:
+        naive = one(
+            "naive load/.T/save",
+            lambda out: ([sys.executable, "-c", NAIVE, src, out, mapping], None),
+            cold,
+        )
+        print(
+            f"\nnaive load/.T/save (cold, once): {naive.seconds:.2f} s wall, "
+            f"{naive.user_seconds:.2f} user, {naive.sys_seconds:.2f} sys, "
+            f"peak RssAnon {naive.peak_rss_anon / 1e6:.0f} MB"
+        )
+    print(f"\nload average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     print(
         f"largest tensor: {largest / 1e6:.0f} MB; memory bound (largest + 256 MB): "
         f"{bound / 1e6:.0f} MB"
     )
     print(
-        f"speed  target ours >= 0.9x cp (median paired ratio; best vs best "
-        f"{base / mine.seconds:.2f}x): {ratio:.2f}x -> {'PASS' if ratio >= 0.9 else 'FAIL'}"
+        "speed  target weightbridge >= 0.9x cp (median of paired ratios, every condition) -> "
+        + ("PASS" if verdict else "FAIL")
     )
-    ok = mine.peak_rss_anon <= bound
     print(
-        f"memory target peak RssAnon <= bound: {mine.peak_rss_anon / 1e6:.0f} MB "
-        f"-> {'PASS' if ok else 'FAIL'}"
+        f"memory target peak RssAnon <= bound: {peak / 1e6:.0f} MB "
+        f"-> {'PASS' if peak <= bound else 'FAIL'}"
     )
     return 0
 

@@ -545,6 +545,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit code (2: an error, 130: interrupted)."""
+    # Conversions do no linear algebra, but OpenBLAS's idle threads spin beside the transpose
+    # and checksum threads on every core: one thread measured 8% faster (scripts/bench_stream.py
+    # pairs). Set before numpy is first imported; a value the user set is kept.
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     try:
         args = build_parser().parse_args(argv)
         code: int = _run(args)
