@@ -31,6 +31,8 @@ _FRAMEWORK_MODULES = {
     "gguf": "gguf",
     # dask.distributed: a real scheduler and workers for the scale-out tests.
     "dask": "distributed",
+    # DeepSpeed: writes the ZeRO checkpoints (and zero_to_fp32's output) the reader must equal.
+    "deepspeed": "deepspeed",
 }
 
 
@@ -63,6 +65,7 @@ def pytest_configure(config: pytest.Config) -> None:
         ("equinox", "equinox"),
         ("gguf", "gguf"),
         ("dask", "dask[distributed]"),
+        ("deepspeed", "deepspeed"),
     ):
         config.addinivalue_line(
             "markers",

@@ -149,6 +149,7 @@ def plan(
     check: tuple[Any, Any, Any] | None = None,
     endpoint: str | None = None,
     aws_region: str | None = None,
+    dequantize: bool = False,
 ) -> Plan:
     """Plan a conversion from specs alone (no tensor data is read). See `planner.make_plan`.
 
@@ -161,6 +162,8 @@ def plan(
     read from a Hugging Face folder). `dtype` casts floating-point tensors; with a target it
     replaces the target's float dtypes (integer and bool tensors keep theirs). `endpoint` and
     `aws_region` apply to a source or target given as an object URL (see `inspect`).
+    `dequantize` turns block-scaled FP8 weights (DeepSeek-V3's ``X.weight`` with
+    ``X.weight_scale_inv``) into `dtype` (bf16 by default) tensors and drops the scales.
 
     `check=(their_apply, my_apply, inputs)` decides by running both models what metadata
     cannot (as in `adapt`): `source` must then hold weights (a dict of arrays, a module, a
@@ -208,6 +211,7 @@ def plan(
         matcher=matcher,
         partial=partial,
         log=log,
+        dequantize=dequantize,
     )
 
 

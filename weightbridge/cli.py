@@ -105,6 +105,7 @@ def _make_plan(args: argparse.Namespace) -> Plan:
         to_framework=args.to_framework,
         dtype=args.dtype,
         hints=_hints(args),
+        dequantize=args.dequantize,
     )
 
 
@@ -232,6 +233,7 @@ def _convert_batch(args: argparse.Namespace, scale: dict[str, Any]) -> int:
             "to_framework": args.to_framework,
             "dtype": args.dtype,
             "hints": _hints(args),
+            "dequantize": args.dequantize,
         }
     report = api.convert(
         args.source,
@@ -431,6 +433,13 @@ def build_parser() -> argparse.ArgumentParser:
         )
         s.add_argument("--plan", help="use this saved plan instead of planning")
         s.add_argument("--dtype", help=DTYPE_HELP)
+        s.add_argument(
+            "--dequantize",
+            action="store_true",
+            help="turn block-scaled FP8 weights (DeepSeek-V3/R1: X.weight in float8 with "
+            "X.weight_scale_inv, one scale per 128x128 block) into --dtype (default bf16) "
+            "tensors, dropping the scales",
+        )
         s.add_argument(
             "--partial",
             action="store_true",

@@ -3,9 +3,10 @@
 Each op knows its output shape and dtype from input shapes alone (planning is metadata-only)
 and applies itself to numpy arrays. Structural ops (permute, reshape, slice) return *views*
 where numpy can, so the streaming converter copies each element once, tile by tile, straight
-from the memory-mapped source into the output buffer. Concat and stack take several sources;
-they must come first in a step's op list. Cast is elementwise, so the converter applies it per
-tile at the end, whatever its position.
+from the memory-mapped source into the output buffer. Concat and stack take several sources,
+and dequantize two (a block-scaled weight and its scales); they must come first in a step's
+op list. Cast is elementwise, so the converter applies it per tile at the end, whatever its
+position.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from weightbridge import dtypes
+from weightbridge import _blockscale, dtypes
 from weightbridge.errors import PlanError
 
 Shape = tuple[int, ...]
@@ -165,8 +166,45 @@ class Cast:
         return {"op": self.kind, "dtype": self.dtype}
 
 
-Op = Permute | Reshape | Slice | Concat | Stack | Cast
-MULTI_SOURCE = (Concat, Stack)
+@dataclass(frozen=True, slots=True)
+class Dequantize:
+    """Block-scaled FP8 to float32: sources (weight, scale), one scale per `block` tile of the
+    2-D weight, ``float32(w) * scale`` (DeepSeek-V3's ``weight_scale_inv``; `_blockscale`)."""
+
+    block: tuple[int, int] = _blockscale.DEFAULT_BLOCK
+    kind: ClassVar[str] = "dequantize"
+    multi: ClassVar[bool] = True
+
+    def __post_init__(self) -> None:
+        if len(self.block) != 2 or min(self.block) < 1:
+            raise PlanError(f"dequantize block must be two positive sizes, found {self.block}")
+
+    def out_shape(self, shapes: Sequence[Shape]) -> Shape:
+        if len(shapes) != 2:
+            raise PlanError(
+                f"dequantize takes two sources (weight, scale), found {len(shapes)}; it must be "
+                "the first op"
+            )
+        weight, scale = shapes
+        if len(weight) != 2:
+            raise PlanError(f"dequantize needs a 2-D weight, found shape {weight}")
+        want = _blockscale.scale_shape(weight, self.block)
+        if tuple(scale) != want:
+            raise PlanError(
+                f"dequantize: a weight of shape {weight} in {self.block[0]}x{self.block[1]} "
+                f"blocks needs a scale of shape {want}, found {scale}"
+            )
+        return weight
+
+    def apply(self, arrays: Sequence[np.ndarray]) -> np.ndarray:
+        return _blockscale.dequantize(arrays[0], arrays[1], self.block)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"op": self.kind, "block": list(self.block)}
+
+
+Op = Permute | Reshape | Slice | Concat | Stack | Cast | Dequantize
+MULTI_SOURCE = (Concat, Stack, Dequantize)
 
 
 def op_from_json(obj: Any, *, where: str = "plan") -> Op:
@@ -187,10 +225,16 @@ def op_from_json(obj: Any, *, where: str = "plan") -> Op:
             return Stack(int(obj["axis"]))
         if kind == "cast":
             return Cast(str(obj["dtype"]))
+        if kind == "dequantize":
+            block = obj.get("block", list(_blockscale.DEFAULT_BLOCK))
+            if not isinstance(block, list) or len(block) != 2:
+                raise ValueError(f"block must be a list of two sizes, found {block!r}")
+            return Dequantize((int(block[0]), int(block[1])))
     except (KeyError, TypeError, ValueError) as e:
         raise PlanError(f"{where}: op {obj!r} is missing or has a bad field ({e})") from e
     raise PlanError(
-        f"{where}: unknown op {kind!r}; known ops: permute, reshape, slice, concat, stack, cast"
+        f"{where}: unknown op {kind!r}; known ops: permute, reshape, slice, concat, stack, cast, "
+        "dequantize"
     )
 
 
@@ -203,13 +247,18 @@ def infer(
     ((3, 2), 'BF16')
     """
     if len(shapes) > 1 and not (ops and isinstance(ops[0], MULTI_SOURCE)):
-        raise PlanError(f"{where}: {len(shapes)} sources need a concat or stack as the first op")
+        raise PlanError(
+            f"{where}: {len(shapes)} sources need a concat or stack (or a dequantize) as the "
+            "first op"
+        )
     current = list(shapes)
     try:
         for op in ops:
             current = [op.out_shape(current)]
             if isinstance(op, Cast):
                 dtype = op.dtype
+            elif isinstance(op, Dequantize):
+                dtype = "F32"
     except PlanError as e:
         raise PlanError(f"{where}: {e}") from e
     return current[0], dtype

@@ -19,7 +19,7 @@ from typing import Any, Literal, get_args
 
 from weightbridge._files import atomic_write_json
 from weightbridge.errors import DtypeError, PlanError, SpecError
-from weightbridge.ops import Cast, Op, describe, infer, op_from_json
+from weightbridge.ops import Cast, Dequantize, Op, describe, infer, op_from_json
 from weightbridge.spec import CheckpointSpec, TensorSpec, parse_json
 
 PLAN_VERSION = 1
@@ -191,6 +191,8 @@ class Plan:
                     len(srcs) > 1
                     and any(s.dtype != dtype for s in srcs)
                     and not any(isinstance(o, Cast) for o in step.ops)
+                    # a weight and its scales differ in dtype by design
+                    and not (step.ops and isinstance(step.ops[0], Dequantize))
                 ):
                     problems.append(
                         f"step {name!r}: sources have different dtypes {[s.dtype for s in srcs]}"

@@ -81,6 +81,7 @@ FORMATS: dict[str, FormatEntry] = {
         FormatEntry("numpy", ".numpy", ("npz", "numpy"), (".npz",)),
         FormatEntry("hdf5", ".hdf5", ("h5", "hdf5"), (".h5",), "pip install h5py"),
         FormatEntry("dcp", ".dcp"),
+        FormatEntry("zero", ".zero"),
         FormatEntry("torch", ".torch", ("torch", "pt", "bin"), (".bin", ".pt", ".pth", ".ckpt")),
         FormatEntry("tfcheckpoint", ".tfcheckpoint"),
         FormatEntry("msgpack", ".msgpack", ("msgpack", "flax"), (".msgpack",)),
@@ -102,10 +103,11 @@ if TYPE_CHECKING:  # mypy proves each built-in format module meets the contract 
         sharded,
         tfcheckpoint,
         torch,
+        zero,
     )
 
     _WRITABLE: tuple[WritableFormatModule, ...] = (safetensors, numpy, hdf5, torch, msgpack, gguf)
-    _READ_ONLY: tuple[FormatModule, ...] = (sharded, tfcheckpoint, dcp)
+    _READ_ONLY: tuple[FormatModule, ...] = (sharded, tfcheckpoint, dcp, zero)
 
 # Members every format module has (`FormatModule`); checked when a module is first loaded.
 _REQUIRED = ("NAME", "SUFFIXES", "detect", "open_reader")

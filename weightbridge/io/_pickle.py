@@ -16,7 +16,7 @@ import pickletools
 import reprlib
 import struct
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import IO, Any
 
@@ -381,17 +381,26 @@ class _SafeUnpickler(pickle.Unpickler):
     `ALLOWED` (before it is called) means a checkpoint can run none of its own code.
     """
 
-    def __init__(self, file: IO[bytes], *, source: str, legacy: bool) -> None:
+    def __init__(
+        self,
+        file: IO[bytes],
+        *,
+        source: str,
+        legacy: bool,
+        extra: Mapping[tuple[str, str], Any] | None = None,
+    ) -> None:
         super().__init__(file)
         self._source = source
         self._legacy = legacy
+        self._extra = extra or {}
         # Every storage the pickle names, tensors or not: a legacy file's data section holds
         # them all, and skipping one needs its element size.
         self.storages: dict[str, StorageRef] = {}
 
     def find_class(self, module: str, name: str) -> Any:
         try:
-            return ALLOWED[(module, name)]
+            found = self._extra.get((module, name))
+            return found if found is not None else ALLOWED[(module, name)]
         except (KeyError, TypeError):
             pass
         hint = ""
@@ -506,14 +515,24 @@ def _check_memo(file: _Bounded, source: str, end: int) -> None:
         ) from e
 
 
-def load_pickle(file: IO[bytes], *, source: str, legacy: bool) -> tuple[Any, dict[str, StorageRef]]:
-    """Unpickle one pickle from `file` safely; return it and the storages it names."""
+def load_pickle(
+    file: IO[bytes],
+    *,
+    source: str,
+    legacy: bool,
+    extra_globals: Mapping[tuple[str, str], Any] | None = None,
+) -> tuple[Any, dict[str, StorageRef]]:
+    """Unpickle one pickle from `file` safely; return it and the storages it names.
+
+    `extra_globals` allows more globals than `ALLOWED`, each mapped to a stand-in of ours
+    (a format built on torch.save, such as DeepSpeed's, names its own classes).
+    """
     start = file.tell()
     end = file.seek(0, os.SEEK_END)
     file.seek(start)
     _check_memo(_Bounded(file, end), source, end)
     file.seek(start)
-    unpickler = _SafeUnpickler(file, source=source, legacy=legacy)
+    unpickler = _SafeUnpickler(file, source=source, legacy=legacy, extra=extra_globals)
     try:
         return unpickler.load(), unpickler.storages
     except FormatError:

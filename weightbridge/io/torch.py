@@ -33,6 +33,7 @@ import math
 import os
 import struct
 import zipfile
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import IO, Any
 
@@ -112,10 +113,18 @@ class _Stored:
 
 
 class TorchReader(BaseReader):
-    """Reads a `torch.save` file (zip or legacy) without torch; tensors are zero-copy maps."""
+    """Reads a `torch.save` file (zip or legacy) without torch; tensors are zero-copy maps.
 
-    def __init__(self, path: str) -> None:
+    `extra_globals` lets formats built on torch.save (DeepSpeed's) allow their own classes,
+    each as a stand-in of theirs; `pickled` is the unpickled object (tensor references and
+    plain containers), whose tensors `read_ref` reads.
+    """
+
+    def __init__(
+        self, path: str, *, extra_globals: Mapping[tuple[str, str], Any] | None = None
+    ) -> None:
         self.path = os.fspath(path)
+        self._extra_globals = extra_globals
         try:
             with open_source(self.path) as f:
                 head = f.read(512)
@@ -137,6 +146,7 @@ class TorchReader(BaseReader):
                 f"(first bytes {head[:8]!r})"
             )
         self._storages = storages
+        self.pickled = obj
         refs, meta = flatten(obj, source=self.path)
         self._refs: dict[str, TensorRef] = {}
         specs = []
@@ -199,7 +209,10 @@ class TorchReader(BaseReader):
                 self._big_endian = value == b"big"
             raw = self._read_entry(zf, infos[pickles[0]], _MAX_PICKLE_BYTES)
             obj, keys = load_pickle(
-                io.BytesIO(raw), source=f"{self.path}:{pickles[0]}", legacy=False
+                io.BytesIO(raw),
+                source=f"{self.path}:{pickles[0]}",
+                legacy=False,
+                extra_globals=self._extra_globals,
             )
             size = source_size(self.path)
             storages: dict[str, _Stored] = {}
@@ -395,7 +408,23 @@ class TorchReader(BaseReader):
     def read(self, name: str) -> np.ndarray:
         if name not in self._refs:
             raise self._missing(name)
-        ref, spec = self._refs[name], self._spec[name]
+        return self._array(self._refs[name], self._spec[name])
+
+    def read_ref(self, ref: TensorRef, what: str) -> np.ndarray:
+        """A tensor of `pickled` by its reference, checked against its storage first; `what`
+        names it in errors."""
+        return self._array(ref, self._check(what, ref))
+
+    def ref_range(self, ref: TensorRef, what: str) -> ByteRange | None:
+        """`byte_range` of a tensor of `pickled`, by its reference."""
+        return self._range(ref, self._check(what, ref))
+
+    def release_bytes(self, offset: int, length: int) -> None:
+        """Let mapped pages of a byte range of the file leave this process's RSS."""
+        if self._file is not None:
+            self._file.release(offset, length)
+
+    def _array(self, ref: TensorRef, spec: TensorSpec) -> np.ndarray:
         dt = dtypes.to_numpy(spec.dtype)
         if spec.numel == 0:
             empty = np.empty(spec.shape, dtype=dt)
@@ -409,7 +438,7 @@ class TorchReader(BaseReader):
             flat = np.frombuffer(raw, dtype=dt, count=count, offset=start)
         else:
             flat = self._mapped().array(
-                stored.offset + start, TensorSpec(name, (count,), spec.dtype)
+                stored.offset + start, TensorSpec(spec.name, (count,), spec.dtype)
             )
         # as_strided rebuilds the array from its typestr, which numpy cannot parse for some
         # ml_dtypes (float8 is "<f1"): stride over same-sized unsigned ints, then view back.
@@ -441,7 +470,9 @@ class TorchReader(BaseReader):
         """The tensor's bytes in the file when they are contiguous, uncompressed, little-endian."""
         if name not in self._refs:
             return None
-        ref, spec = self._refs[name], self._spec[name]
+        return self._range(self._refs[name], self._spec[name])
+
+    def _range(self, ref: TensorRef, spec: TensorSpec) -> ByteRange | None:
         stored = self._storages[ref.storage.key]
         if stored.deflated is not None or (self._big_endian and dtypes.itemsize(spec.dtype) > 1):
             return None

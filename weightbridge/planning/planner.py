@@ -15,13 +15,14 @@ import gc
 import math
 import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from weightbridge import dtypes
 from weightbridge.errors import PlanError, RuleError
 from weightbridge.ops import Cast, Op, Reshape, infer
 from weightbridge.plan import Note, Plan, Step, is_buffer
+from weightbridge.planning import dequantize as fp8
 from weightbridge.planning.layout_flags import convert_params
 from weightbridge.planning.match_result import MatchResult, PlannedPair
 from weightbridge.planning.rules import resolve as resolve_rules
@@ -92,6 +93,7 @@ def make_plan(
     rules: Mapping[str, Any] | None = None,
     partial: bool = False,
     log: list[str] | None = None,
+    dequantize: bool = False,
 ) -> Plan:
     """Plan a conversion of `source` into `target` (or into what the renames produce).
 
@@ -106,6 +108,9 @@ def make_plan(
         partial: load what fits; targets nothing pairs keep their own value (a step whose
             source is ``mine:<name>``, read from the target checkpoint) instead of an error.
         log: the matcher's notes for people (what it decided, and why) are appended here.
+        dequantize: make each block-scaled FP8 weight (``X.weight`` with ``X.weight_scale_inv``)
+            a float tensor (`dtype`, bf16 by default), dropping the scales; without it, a plan
+            that casts such a weight is refused (see `weightbridge.planning.dequantize`).
 
     Raises:
         PlanError: unpaired tensors (both sides listed, with shapes) or ops that do not fit.
@@ -118,8 +123,20 @@ def make_plan(
     fc.kernel  3x4    F32    fc.weight  permute(1,0)
     """
     with _gc_paused():
-        return _make_plan(
-            source,
+        pairs = fp8.scaled_weights(source)
+        others = fp8.other_scaled(source, pairs)
+        if dequantize:
+            fp8.check_scaled(source, pairs, others)
+        if dequantize and pairs:
+            view = fp8.dequantized_view(
+                source, pairs, dtypes.canonical(dtype) if dtype else fp8.DEFAULT_DTYPE
+            )
+        else:
+            if target is not None:
+                fp8.refuse_float_target(target, pairs)
+            view = source
+        plan = _make_plan(
+            view,
             target,
             renames,
             from_framework,
@@ -130,6 +147,22 @@ def make_plan(
             partial,
             log,
         )
+        if dequantize and pairs:
+            keeps = any(s.startswith(MINE) for step in plan.steps for s in step.sources)
+            reads = _with_mine(source, target) if keeps and target is not None else source
+            plan = fp8.with_dequantize(plan, reads, pairs)
+        elif dequantize:
+            plan = replace(plan, notes=(*plan.notes, fp8.no_scaled_note()))
+        fp8.refuse_scaled_casts(plan, source, {} if dequantize else pairs, others)
+        return plan
+
+
+def _with_mine(source: CheckpointSpec, target: CheckpointSpec) -> CheckpointSpec:
+    """What a plan that keeps some of the target's own values reads: `source`, and the whole
+    target as ``mine:<name>`` (see api.convert's UnionReader)."""
+    return CheckpointSpec.of(
+        [*source, *(TensorSpec(MINE + t.name, t.shape, t.dtype) for t in target)]
+    )
 
 
 @contextlib.contextmanager
@@ -274,9 +307,7 @@ def _make_plan(
     if own:
         # The whole target is readable as mine:<name> (see api.convert's UnionReader), so the
         # plan's source fingerprint covers all of it.
-        union = CheckpointSpec.of(
-            [*source, *(TensorSpec(MINE + t.name, t.shape, t.dtype) for t in target)]
-        )
+        union = _with_mine(source, target)
         for name in own:
             paired[name] = ((MINE + name,), ())
     source = union

@@ -41,7 +41,7 @@ from weightbridge.streaming import transform
 from weightbridge.streaming.checksum import Checksum
 from weightbridge.streaming.dest.base import Destination, ShardSink
 from weightbridge.streaming.readahead import Readahead
-from weightbridge.streaming.transform import blocked_copy, source_view, tiles
+from weightbridge.streaming.transform import Rows, blocked_copy, source_view, tiles
 
 # Tiles waiting for the writer thread. With 32 MB tiles and two transform workers this keeps
 # at most ~6 tiles (~200 MB) in flight: the memory budget, with room to keep the disk busy.
@@ -167,7 +167,7 @@ def _fill_at_random(
     """Each worker transforms its tile straight into the writer's mapped file and returns the
     tile's CRC; the CRCs are joined here in file order. No writer thread, no tile buffers."""
 
-    def place_tile(part: np.ndarray, target: TensorSpec, row: int) -> Placed:
+    def place_tile(part: Rows, target: TensorSpec, row: int) -> Placed:
         out = writer.target_array(target.name)
         dst = out[row : row + part.shape[0]] if out.ndim else out
         if dst.size:
@@ -342,7 +342,7 @@ def _produce(
     pool: ThreadPoolExecutor,
     *,
     prefetch: bool = True,
-    tile_job: Callable[[np.ndarray, TensorSpec, int], Tile | Placed] | None = None,
+    tile_job: Callable[[Rows, TensorSpec, int], Tile | Placed] | None = None,
     copy_job: Callable[[Step, ByteRange, np.ndarray], Placed] | None = None,
 ) -> Iterator[Item]:
     """Items for one shard, in order: tiles (transformed on `pool`), byte copies, releases.
@@ -369,7 +369,7 @@ def _produce(
             if prefetch and i + 1 < len(shard.steps):
                 for s in shard.steps[i + 1].sources:
                     reader.prefetch(s)
-            if len(step.sources) > 1:
+            if len(step.sources) > 1 and not transform.lazy_dequantize(step.ops):
                 # Concat/stack materialise the whole group: let the previous group's tiles finish
                 # first, so at most one group is held (the memory bound is the largest group).
                 limit, saved = 0, limit
@@ -406,7 +406,7 @@ def _produce(
                     head.result()
 
 
-def _tile_slices(view: np.ndarray, target: TensorSpec) -> Iterator[tuple[int, np.ndarray]]:
+def _tile_slices(view: Rows, target: TensorSpec) -> Iterator[tuple[int, Rows]]:
     if view.ndim == 0 or view.size == 0:
         yield 0, view
         return
@@ -419,7 +419,7 @@ def _tile_slices(view: np.ndarray, target: TensorSpec) -> Iterator[tuple[int, np
         yield r0, view[r0 : r0 + rows]
 
 
-def _one_tile(part: np.ndarray, target: TensorSpec, row: int) -> Tile:
+def _one_tile(part: Rows, target: TensorSpec, row: int) -> Tile:
     ((_, tile),) = tiles(
         part, TensorSpec(target.name, part.shape, target.dtype), tile_bytes=1 << 62
     )

@@ -16,7 +16,8 @@ from typing import Any
 import numpy as np
 
 from weightbridge import dtypes
-from weightbridge.ops import Cast, Op, Reshape
+from weightbridge._blockscale import BlockScaledView
+from weightbridge.ops import Cast, Dequantize, Op, Reshape
 from weightbridge.spec import TensorSpec
 
 _transpose: Any
@@ -48,9 +49,25 @@ BLOCK = 128
 _UINT = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
 
 
-def source_view(arrays: Sequence[np.ndarray], ops: Sequence[Op]) -> np.ndarray:
-    """Apply the structural ops (everything but casts) to the source arrays, as views if possible."""
+# What a step's tiles are cut from: a (mapped) array or view, or a block-scaled weight that is
+# dequantized tile by tile as the tiles are copied out (`blocked_copy`).
+Rows = np.ndarray | BlockScaledView
+
+
+def source_view(arrays: Sequence[np.ndarray], ops: Sequence[Op]) -> Rows:
+    """Apply the structural ops (everything but casts) to the source arrays, as views if possible.
+
+    A leading dequantize stays lazy when only casts follow it; before other structural ops, the
+    tensor is dequantized once, in the step's final dtype, a block-row at a time.
+    """
     current: list[np.ndarray] = list(arrays)
+    if ops and isinstance(ops[0], Dequantize):
+        lazy = BlockScaledView(arrays[0], arrays[1], ops[0].block)
+        if lazy_dequantize(ops):
+            return lazy
+        ops = ops[1:]
+        casts = [op.dtype for op in ops if isinstance(op, Cast)]
+        current = [lazy.materialize(dtypes.to_numpy(casts[-1]) if casts else np.float32)]
     for op in ops:
         if isinstance(op, Cast):
             continue  # elementwise: applied per tile by `tiles`
@@ -59,6 +76,14 @@ def source_view(arrays: Sequence[np.ndarray], ops: Sequence[Op]) -> np.ndarray:
         else:
             current = [op.apply(current)]
     return current[0]
+
+
+def lazy_dequantize(ops: Sequence[Op]) -> bool:
+    """Whether these ops dequantize a block-scaled weight tile by tile: a dequantize followed by
+    casts only (other structural ops need the dequantized tensor whole, see `source_view`)."""
+    return (
+        bool(ops) and isinstance(ops[0], Dequantize) and all(isinstance(op, Cast) for op in ops[1:])
+    )
 
 
 def _reshape(a: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
@@ -74,13 +99,17 @@ def _reshape(a: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
         return a.reshape(shape)
 
 
-def blocked_copy(dst: np.ndarray, src: np.ndarray) -> None:
+def blocked_copy(dst: np.ndarray, src: Rows) -> None:
     """Copy `src` into C-contiguous `dst` (casting if dtypes differ), in cache-sized blocks.
 
     numpy's own strided copy walks the destination in order and so jumps through the source
     by a whole row per element when `src` is a transposed view; here the source axis that is
     contiguous in memory and the destination's last axis are walked in square blocks instead.
+    A block-scaled view is dequantized into `dst` here.
     """
+    if isinstance(src, BlockScaledView):
+        src.copy_to(dst)
+        return
     if src.ndim < 2 or src.size == 0:
         np.copyto(dst, src, casting="unsafe")
         return
@@ -142,11 +171,13 @@ def _kernel_copy(dst: np.ndarray, src: np.ndarray, inner: int, last: int) -> boo
 
 
 def tiles(
-    view: np.ndarray, target: TensorSpec, tile_bytes: int = TILE_BYTES
+    view: Rows, target: TensorSpec, tile_bytes: int = TILE_BYTES
 ) -> Iterator[tuple[int, np.ndarray]]:
     """Yield (first row, C-contiguous tile in the target dtype) covering `view` along axis 0."""
     out_dtype = dtypes.to_numpy(target.dtype)
     if view.ndim == 0 or view.size == 0:
+        if isinstance(view, BlockScaledView):
+            view = view.materialize()
         yield 0, np.ascontiguousarray(view.astype(out_dtype, copy=False))
         return
     row_bytes = max(1, (view.size // view.shape[0]) * max(out_dtype.itemsize, view.dtype.itemsize))
