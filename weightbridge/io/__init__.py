@@ -332,8 +332,8 @@ def _unknown_directory(path: str, unavailable: list[str]) -> str:
     return (
         f"{path}: a directory with no checkpoint weightbridge recognises: looked for Hugging Face "
         f"weights ({', '.join(WEIGHT_FILES)}), an *.index.json, a single checkpoint file, and "
-        f"zarr/orbax, TensorFlow and DCP layouts; found {found or 'no files'}. Point at the "
-        f"weights file itself{extra}"
+        f"zarr/orbax, TensorFlow, DCP and DeepSpeed ZeRO layouts; found {found or 'no files'}. "
+        f"Point at the weights file itself{extra}"
     )
 
 
