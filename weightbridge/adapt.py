@@ -234,17 +234,7 @@ def _adapt_checked(
     **options: Any,
 ) -> Any:
     """`adapt` with `check=`: see `weightbridge.frameworks.check`."""
-    from weightbridge.frameworks.check import decide
-
-    their_apply, my_apply, inputs = check
-    args = inputs if isinstance(inputs, tuple) else (inputs,)
-    reference = their_apply(theirs, *args)
-    result, report = decide(
-        lambda h: adapt(theirs, mine, hints=h, **options),
-        lambda converted: my_apply(converted, *args),
-        reference,
-        hints,
-    )
+    result, report = _decide(theirs, mine, check, hints, **options)
     if verbose:
         print("\n".join(report.lines), file=sys.stderr)
     if cache is not None:  # save the plan that execution confirmed
@@ -261,17 +251,29 @@ def hints_by_execution(
 ) -> tuple[tuple[Hint, ...], list[str]]:
     """The hints that make `adapt` agree with the source model when both are run (`check=`),
     and what execution decided; for `api.plan(check=...)`, which then plans with them."""
+    _, report = _decide(theirs, mine, check, hints, **options)
+    return (*hints, *report.hints), report.lines
+
+
+def _decide(
+    theirs: Any,
+    mine: Any,
+    check: tuple[Callable[..., Any], Callable[..., Any], Any],
+    hints: Sequence[Hint],
+    **options: Any,
+) -> tuple[Any, Any]:
+    """Run both models and let `frameworks.check.decide` settle what metadata left open:
+    (mine's weights, its `CheckReport`)."""
     from weightbridge.frameworks.check import decide
 
     their_apply, my_apply, inputs = check
     args = inputs if isinstance(inputs, tuple) else (inputs,)
-    _, report = decide(
+    return decide(
         lambda h: adapt(theirs, mine, hints=h, **options),
         lambda converted: my_apply(converted, *args),
         their_apply(theirs, *args),
         hints,
     )
-    return (*hints, *report.hints), report.lines
 
 
 def _cache_path(cache: str | os.PathLike[str]) -> str:

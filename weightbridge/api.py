@@ -297,8 +297,8 @@ def convert(
 
     The source may be an object URL (``s3://bucket/ckpt/``): its headers are fetched for
     planning, then each tensor's byte range once. `endpoint` and `aws_region` apply to it (and
-    to `dest` where `dest_options` sets none). With other executors than threads, an object
-    URL source is not read yet.
+    to `dest` where `dest_options` sets none). With other executors, each worker reads its own
+    tensors' byte ranges from the same endpoint.
     """
     dest_options = _dest_options_with(dest_options, endpoint, aws_region)
     if not isinstance(source, (str, os.PathLike)):

@@ -279,31 +279,37 @@ def weights_path(path: str) -> str:
         return _remote_weights_path(path)
     if is_remote_url(path) or not os.path.isdir(path):
         return path
-    from weightbridge.io.hf_folder import choose_weights
-
-    choice = choose_weights(path)
-    if choice is not None:
-        if choice.others or choice.extra:
-            _log.info("%s", choice.describe())
-        return choice.path
+    chosen = _chosen_weights(path)
+    if chosen is not None:
+        return chosen
     if any(e.endswith(".index.json") for e in os.listdir(path)):
         return path
     files = _visible_files(path)
     return os.path.join(path, files[0]) if len(files) == 1 else path
 
 
+def _chosen_weights(folder: str) -> str | None:
+    """The weights file of a Hugging Face folder (local or a prefix), the choice logged when the
+    folder holds other weights or files too; None if it is not such a folder."""
+    from weightbridge.io.hf_folder import choose_weights
+
+    choice = choose_weights(folder)
+    if choice is None:
+        return None
+    if choice.others or choice.extra:
+        _log.info("%s", choice.describe())
+    return choice.path
+
+
 def _remote_weights_path(url: str) -> str:
     """`weights_path` for an object URL: a prefix is listed (one request) like a directory."""
     from weightbridge.io import _remote
-    from weightbridge.io.hf_folder import choose_weights
 
     if _remote.probe(url) != "dir":
         return url
-    choice = choose_weights(url)
-    if choice is not None:
-        if choice.others or choice.extra:
-            _log.info("%s", choice.describe())
-        return choice.path
+    chosen = _chosen_weights(url)
+    if chosen is not None:
+        return chosen
     from weightbridge.io.zarr import _MARKERS, ORBAX_CHECKPOINT_METADATA
 
     listing = _remote.list_directory(url)

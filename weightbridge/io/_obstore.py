@@ -120,6 +120,10 @@ def open_store(url: str, *, endpoint: str | None = None, aws_region: str | None 
     )
 
 
+def _is_missing(e: BaseException) -> bool:
+    return isinstance(e, FileNotFoundError) or "NotFound" in type(e).__name__
+
+
 def describe_failure(url: str, e: BaseException, endpoint: str | None = None) -> WeightbridgeError:
     """A named error for a failed request: which object, which endpoint, and what to check."""
     text = str(e).splitlines()[0] if str(e) else type(e).__name__
@@ -128,7 +132,7 @@ def describe_failure(url: str, e: BaseException, endpoint: str | None = None) ->
         if url.lower().startswith("s3://")
         else ""
     )
-    if isinstance(e, FileNotFoundError) or "NotFound" in type(e).__name__:
+    if _is_missing(e):
         return FormatError(f"{url}: no such object{where}; check the bucket and key")
     return StoreUnreachable(
         f"{url}: the object store{where} did not answer ({text}); check --endpoint (or "
@@ -324,29 +328,27 @@ def download_file(store: Any, key: str, path: str, *, url: str, endpoint: str | 
     return size
 
 
-def object_etag(store: Any, key: str, *, url: str, endpoint: str | None = None) -> str | None:
-    """The ETag of the object `key` with its size (one HEAD request), None if there is none."""
+def _head(store: Any, key: str, *, url: str, endpoint: str | None) -> dict[str, Any] | None:
+    """The object `key`'s metadata (one HEAD request), None if there is none."""
     obstore = obstore_module()
     try:
-        head = obstore.head(store, key)
+        return dict(obstore.head(store, key))
     except Exception as e:
-        if isinstance(e, FileNotFoundError) or "NotFound" in type(e).__name__:
+        if _is_missing(e):
             return None
         if _from_obstore(e):
             raise describe_failure(f"{url.rstrip('/')}/{key}", e, endpoint) from e
         raise
-    etag = head.get("e_tag")
-    return f"{head['size']}:{etag}" if etag else None
+
+
+def object_etag(store: Any, key: str, *, url: str, endpoint: str | None = None) -> str | None:
+    """The ETag of the object `key` with its size (one HEAD request), None if there is none."""
+    head = _head(store, key, url=url, endpoint=endpoint)
+    etag = head.get("e_tag") if head else None
+    return f"{head['size']}:{etag}" if head and etag else None
 
 
 def object_size(store: Any, key: str, *, url: str, endpoint: str | None = None) -> int | None:
     """The size of the object `key` (one HEAD request), None if there is none."""
-    obstore = obstore_module()
-    try:
-        return int(obstore.head(store, key)["size"])
-    except Exception as e:
-        if isinstance(e, FileNotFoundError) or "NotFound" in type(e).__name__:
-            return None
-        if _from_obstore(e):
-            raise describe_failure(f"{url.rstrip('/')}/{key}", e, endpoint) from e
-        raise
+    head = _head(store, key, url=url, endpoint=endpoint)
+    return None if head is None else int(head["size"])

@@ -38,12 +38,7 @@ def open_choices(outcome: Outcome) -> tuple[Decision, ...]:
             continue
         alternatives: list[tuple[Hint, ...]] = []
         for pairing in _assignments(c.targets, c.sources):
-            alternatives.append(
-                tuple(
-                    (hint_text(t, c.targets), hint_text(s, c.sources))
-                    for t, s in _to_pin(pairing, c)
-                )
-            )
+            alternatives.append(_pin_hints(pairing, c))
         out.append(tuple(alternatives))
     return tuple(dict.fromkeys(out))
 
@@ -141,13 +136,8 @@ def _checked_hint(c: Conflict, replan: Replan) -> str:
     ):
         if pairing is None:
             continue
-        extra = tuple(
-            (hint_text(t, c.targets), hint_text(s, c.sources)) for t, s in _to_pin(pairing, c)
-        )
-        again = replan(extra)
-        group = {t.path for t in c.targets}
-        still = any({t.path for t in k.targets} == group for k in again.result.conflicts)
-        if still or again.bad_hints:
+        extra = _pin_hints(pairing, c)
+        if not _resolves(c, replan, extra):
             continue
         pairs = ", ".join(f"{real_path(t)!r} is {real_path(s)!r}" for t, s in pairing)
         cli = " ".join(f"--hint {a}={b}" for a, b in extra)
@@ -163,18 +153,11 @@ def _open_decision(c: Conflict, replan: Replan) -> str:
     first = min(c.targets, key=lambda n: n.order)
     settle = "running both models settles it: adapt(..., check=(their_apply, my_apply, inputs))"
     if math.perm(len(c.sources), len(c.targets)) <= _MAX_GROUP_TO_TRY:
-        group = {t.path for t in c.targets}
         options = []
         for pairing in _assignments(sorted(c.targets, key=lambda n: n.order), c.sources):
-            extra = [
-                (hint_text(t, c.targets), hint_text(s, c.sources)) for t, s in _to_pin(pairing, c)
-            ]
-            again = replan(tuple(extra))
-            if again.bad_hints or any(
-                {t.path for t in k.targets} == group for k in again.result.conflicts
-            ):
-                continue
-            options.append(" ".join(f"--hint {a}={b}" for a, b in extra))
+            extra = _pin_hints(pairing, c)
+            if _resolves(c, replan, extra):
+                options.append(" ".join(f"--hint {a}={b}" for a, b in extra))
         if options:
             listed = "  or  ".join(f"({chr(97 + i)}) {o}" for i, o in enumerate(options))
             return (
@@ -230,6 +213,21 @@ def _assignments(ts: list[Node], ss: list[Node]) -> Iterator[list[tuple[Node, No
 def _to_pin(pairing: list[tuple[Node, Node]], c: Conflict) -> list[tuple[Node, Node]]:
     """The pairs a hint must name: with as many sources as targets the last one follows."""
     return pairing[:-1] if len(c.sources) == len(c.targets) else pairing
+
+
+def _pin_hints(pairing: list[tuple[Node, Node]], c: Conflict) -> tuple[Hint, ...]:
+    """The hints that pin `pairing` of group `c` (see `_to_pin`)."""
+    return tuple((hint_text(t, c.targets), hint_text(s, c.sources)) for t, s in _to_pin(pairing, c))
+
+
+def _resolves(c: Conflict, replan: Replan, extra: tuple[Hint, ...]) -> bool:
+    """Whether planning again with `extra` leaves group `c` no longer tied (and every hint
+    names real tensors): the check behind every hint a refusal prints."""
+    again = replan(extra)
+    group = {t.path for t in c.targets}
+    return not again.bad_hints and not any(
+        {t.path for t in k.targets} == group for k in again.result.conflicts
+    )
 
 
 def _grouped(fixes: list[str]) -> list[str]:
