@@ -36,6 +36,16 @@ def suggested_hints(message: str) -> list[tuple[str, str]]:
     return out
 
 
+def offered_choices(message: str) -> list[list[tuple[str, str]]]:
+    """Each group's choices that a refusal lists where nothing points either way ("only you can
+    tell which is right"), as (target, source) hints, one list per group."""
+    return [
+        re.findall(r"--hint (\S+)=(\S+)", line)
+        for line in message.splitlines()
+        if "only you can tell which is right" in line
+    ]
+
+
 # --- 1. weights stored [in, out] under PyTorch names -------------------------------------------
 
 
@@ -359,7 +369,7 @@ def test_norms_named_by_nothing_are_refused_not_swapped(names: tuple[str, str]) 
     # No pairing is suggested (word overlap favours neither on its own); both choices are
     # listed, each checked, and either one gives a plan.
     assert "ambiguous" in message and not suggested_hints(message), message
-    choices = re.findall(r"--hint (\S+)=(\S+)", message.split("only you can tell")[1])
+    choices = [hint for group in offered_choices(message) for hint in group]
     assert len(choices) == 2, message
     for choice in choices:
         got = weightbridge.adapt(theirs, dict(sorted(mine.items())), hints=[choice])
@@ -411,11 +421,7 @@ def test_every_ambiguity_is_listed_in_one_round_with_hints_that_work() -> None:
     # Nothing (names, order, numbers) tells the blocks or the convs apart: no pairing is
     # suggested; every group's choices are listed, and picking one per group gives a plan.
     assert not suggested_hints(message), message
-    choices = [
-        re.findall(r"--hint (\S+)=(\S+)", line)
-        for line in message.splitlines()
-        if "only you can tell which is right" in line
-    ]
+    choices = offered_choices(message)
     assert len(choices) >= 2 and all(len(c) == 2 for c in choices), message
     hints = list(dict.fromkeys(c[0] for c in choices))
     plan = api.plan(

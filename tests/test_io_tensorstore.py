@@ -23,6 +23,7 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 import pytest
+from helpers import moto_s3
 
 import weightbridge.io._kvstore as wkv
 import weightbridge.io._zarr3 as wz3
@@ -473,31 +474,10 @@ def test_kvstore_spec_from_urls(monkeypatch: Any, tmp_path: Any) -> None:
 
 @pytest.fixture(scope="module")
 def s3() -> Any:
-    moto_server = pytest.importorskip("moto.server")
-    boto3 = pytest.importorskip("boto3")
-    import logging
-
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    try:
-        host, port = server.get_host_and_port()
-        endpoint = f"http://{host}:{port}"
-        with pytest.MonkeyPatch.context() as mp:
-            mp.setenv("AWS_ACCESS_KEY_ID", "testing")
-            mp.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-            mp.setenv("AWS_EC2_METADATA_DISABLED", "true")
-            mp.setenv(wkv.ENDPOINT_ENV, endpoint)
-            client = boto3.client(
-                "s3",
-                endpoint_url=endpoint,
-                region_name="us-east-1",
-                config=boto3.session.Config(connect_timeout=5, read_timeout=10),
-            )
-            client.create_bucket(Bucket=BUCKET)  # first: tensorstore retries a missing bucket
-            yield endpoint, client
-    finally:
-        server.stop()
+    pytest.importorskip("moto.server")
+    pytest.importorskip("boto3")
+    with moto_s3(BUCKET, endpoint_env=wkv.ENDPOINT_ENV, read_timeout=10) as server:
+        yield server
 
 
 def _objects(client: Any, prefix: str) -> dict[str, bytes]:

@@ -26,6 +26,7 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 import pytest
+from helpers import moto_s3
 
 from weightbridge import api
 from weightbridge.errors import FormatError, UnknownFormatError
@@ -33,8 +34,8 @@ from weightbridge.io import _remote, detect_format, open_reader, write_checkpoin
 from weightbridge.io._kvstore import ENDPOINT_ENV
 from weightbridge.io._obstore import StoreUnreachable
 
-moto_server = pytest.importorskip("moto.server")
-boto3 = pytest.importorskip("boto3")
+pytest.importorskip("moto.server")
+pytest.importorskip("boto3")
 pytest.importorskip("obstore")
 
 BUCKET = "wb-remote-sources"
@@ -44,30 +45,9 @@ CHILD_TIMEOUT = 180
 
 @pytest.fixture(scope="module")
 def s3() -> Iterator[tuple[str, Any]]:
-    import logging
-
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    try:
-        host, port = server.get_host_and_port()
-        endpoint = f"http://{host}:{port}"
-        with pytest.MonkeyPatch.context() as mp:
-            mp.setenv("AWS_ACCESS_KEY_ID", "testing")
-            mp.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-            mp.setenv("AWS_EC2_METADATA_DISABLED", "true")
-            for name in (ENDPOINT_ENV, "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL"):
-                mp.delenv(name, raising=False)  # --endpoint / endpoint= must do it alone
-            client = boto3.client(
-                "s3",
-                endpoint_url=endpoint,
-                region_name="us-east-1",
-                config=boto3.session.Config(connect_timeout=5, read_timeout=30),
-            )
-            client.create_bucket(Bucket=BUCKET)
-            yield endpoint, client
-    finally:
-        server.stop()
+    # No endpoint in the environment: --endpoint / endpoint= must do it alone.
+    with moto_s3(BUCKET, endpoint_env=None, read_timeout=30) as server:
+        yield server
 
 
 def _arrays() -> dict[str, np.ndarray]:

@@ -7,10 +7,9 @@ or order says which one the target means: the matcher must refuse, never load ei
 
 from __future__ import annotations
 
-import re
-
 import numpy as np
 import pytest
+from test_certain_or_refuse import offered_choices
 
 import weightbridge
 from weightbridge.errors import MatchError
@@ -71,11 +70,7 @@ def test_each_offered_choice_loads_that_candidate(pick: int) -> None:
     theirs, mine = _pair()
     with pytest.raises(MatchError) as e:
         weightbridge.adapt(theirs, mine)
-    choices = [
-        re.findall(r"--hint (\S+)=(\S+)", line)
-        for line in str(e.value).splitlines()
-        if "only you can tell which is right" in line
-    ]
+    choices = offered_choices(str(e.value))
     assert [len(c) for c in choices] == [2, 2], str(e.value)
     picked = [c[pick] for c in choices]  # the same candidate module for weight and bias
     src = picked[0][1].rsplit(".", 1)[0]
