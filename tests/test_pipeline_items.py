@@ -47,7 +47,7 @@ def test_in_order_items_are_tiles_copies_and_releases(tmp_path: Path) -> None:
 def test_placing_jobs_yield_placed_items(tmp_path: Path) -> None:
     path, shard, _ = _shard(tmp_path)
 
-    def place_tile(part: np.ndarray, target: TensorSpec, row: int) -> Placed:
+    def place_tile(part: np.ndarray, target: TensorSpec, row: int, bits: bool) -> Placed:
         return Placed(0, part.nbytes)
 
     def place_copy(step: Step, source: object, view: np.ndarray) -> Placed:

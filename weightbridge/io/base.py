@@ -121,6 +121,14 @@ class PlacingWriter(ShardWriter, Protocol):
         """Copy `name`'s bytes file to file into its place; False declines (fill it instead)."""
         ...
 
+    def write_at(self, name: str, start: int, data: memoryview) -> None:
+        """Write `data` (C-order bytes) at byte `start` of `name`'s place."""
+        ...
+
+    def placed_through(self, nbytes: int) -> None:
+        """Every tensor byte before `nbytes` (in file order) is in place (a hint)."""
+        ...
+
 
 class FormatModule(Protocol):
     """What a format module offers the registry (`weightbridge.io`): a module, not a class.
@@ -221,6 +229,15 @@ class MappedFile:
             return empty
         arr = np.frombuffer(self._mm, dtype=dt, count=spec.numel, offset=offset)
         return arr.reshape(spec.shape)
+
+    def bits(self, offset: int, spec: TensorSpec, dtype: np.dtype[Any]) -> np.ndarray:
+        """`spec`'s bytes at `offset` as `dtype` (a same-width stand-in for the spec's dtype,
+        for tensors that only move: see `streaming/rawbits.py`)."""
+        if spec.numel == 0 or self._mm is None:
+            return np.empty(spec.shape, dtype=dtype)
+        return np.frombuffer(self._mm, dtype=dtype, count=spec.numel, offset=offset).reshape(
+            spec.shape
+        )
 
     def release(self, offset: int, length: int) -> None:
         if self._mm is None or length <= 0 or not hasattr(mmap, "MADV_DONTNEED"):

@@ -236,6 +236,7 @@ class SafetensorsWriter:
         # Random access: the mapped file, each tensor's (offset, spec), tensors handed out.
         self._map: mmap.mmap | None = None
         self._array: np.ndarray | None = None
+        self._size = 0  # the file's size once laid out for random access
         self._places: dict[str, tuple[int, TensorSpec]] = {}
         self._touched: set[str] = set()
         self._lock = threading.Lock()
@@ -268,19 +269,19 @@ class SafetensorsWriter:
         self._written += data.nbytes
         self._start_writeback()
 
-    def _start_writeback(self, force: bool = False) -> None:
-        """Start writing dirty pages out every WRITEBACK_BYTES, instead of all at close.
+    def _start_writeback(self, pos: int | None = None) -> None:
+        """Start writing dirty pages before `pos` (default: the in-order write position) out
+        every WRITEBACK_BYTES, instead of all at close.
 
         The kernel otherwise holds gigabytes dirty (10% of RAM) until the final fsync, which
         then runs alone; FADV_DONTNEED starts asynchronous writeback of the range and drops
         its clean pages, so the disk works while we transform and the fsync is short.
         """
-        pos = self._f.tell()
-        if (pos - self._synced_to < WRITEBACK_BYTES and not force) or not hasattr(
-            os, "posix_fadvise"
-        ):
+        if pos is None:
+            self._f.flush()
+            pos = self._f.tell()
+        if pos - self._synced_to < WRITEBACK_BYTES or not hasattr(os, "posix_fadvise"):
             return
-        self._f.flush()
         try:
             os.posix_fadvise(
                 self._f.fileno(), self._synced_to, pos - self._synced_to, os.POSIX_FADV_DONTNEED
@@ -332,10 +333,17 @@ class SafetensorsWriter:
                 # Reserve the blocks now: a full disk then fails here with ENOSPC, not later
                 # with SIGBUS in a page fault of the mapping.
                 os.posix_fallocate(fd, self._data_start, offset - self._data_start)
-            if offset:
-                self._map = mmap.mmap(fd, offset)
-                self._array = np.frombuffer(self._map, dtype=np.uint8)
+            self._size = offset
             self._places = places
+
+    def _mapped(self) -> np.ndarray | None:
+        """The whole file mapped for writing (made on the first `target_array`: tiles placed
+        with `write_at` need no map)."""
+        with self._lock:
+            if self._array is None and self._size:
+                self._map = mmap.mmap(self._f.fileno(), self._size)
+                self._array = np.frombuffer(self._map, dtype=np.uint8)
+            return self._array
 
     def _place(self, name: str) -> tuple[int, TensorSpec]:
         self._open_random()
@@ -349,9 +357,28 @@ class SafetensorsWriter:
         """A writable array over tensor `name`'s bytes in the file (random access)."""
         offset, spec = self._place(name)
         dt = dtypes.to_numpy(spec.dtype)
-        if spec.nbytes == 0 or self._array is None:
+        array = self._mapped() if spec.nbytes else None
+        if array is None:
             return np.empty(spec.shape, dtype=dt)
-        return self._array[offset : offset + spec.nbytes].view(dt).reshape(spec.shape)
+        return array[offset : offset + spec.nbytes].view(dt).reshape(spec.shape)
+
+    def write_at(self, name: str, start: int, data: memoryview) -> None:
+        """Write `data` at byte `start` of tensor `name`'s place (random access; any thread).
+
+        `pwrite` of a small, cache-hot buffer: the kernel copies it into page-cache pages it
+        need not zero first, where storing into the mapped file faults every page in and
+        zeroes it before the store overwrites it.
+        """
+        offset, spec = self._place(name)
+        if start < 0 or start + data.nbytes > spec.nbytes:
+            raise FormatError(
+                f"{self.path}: {data.nbytes} bytes at {start} overrun tensor {name!r} "
+                f"({spec.nbytes} bytes)"
+            )
+        fd, pos, view = self._f.fileno(), offset + start, data.cast("B")
+        while view:
+            done = os.pwrite(fd, view, pos)
+            view, pos = view[done:], pos + done
 
     def copy_at(self, name: str, src: ByteRange) -> bool:
         """Copy raw source bytes into tensor `name`'s place, file to file in the kernel
@@ -362,6 +389,11 @@ class SafetensorsWriter:
         with open(src.path, "rb") as fin:
             done = _kernel_copy(fin.fileno(), self._f.fileno(), src.offset, offset, src.length)
         return done == src.length  # short: cross-device, unsupported, or a short source
+
+    def placed_through(self, nbytes: int) -> None:
+        """The first `nbytes` of tensor data (in file order) are all placed: start writing
+        them out (random access)."""
+        self._start_writeback(self._data_start + nbytes)
 
     def _close_random(self) -> None:
         missing = [t.name for t in self._tensors if t.name not in self._touched and t.nbytes]

@@ -38,8 +38,9 @@ from weightbridge.plan import Step
 from weightbridge.planning.shards import Shard
 from weightbridge.spec import TensorSpec
 from weightbridge.streaming import transform
-from weightbridge.streaming.checksum import Checksum
+from weightbridge.streaming.checksum import Checksum, crc32
 from weightbridge.streaming.dest.base import Destination, ShardSink
+from weightbridge.streaming.rawbits import RawSources
 from weightbridge.streaming.readahead import Readahead
 from weightbridge.streaming.transform import Rows, blocked_copy, source_view, tiles
 
@@ -47,6 +48,8 @@ from weightbridge.streaming.transform import Rows, blocked_copy, source_view, ti
 # at most ~6 tiles (~200 MB) in flight: the memory budget, with room to keep the disk busy.
 QUEUE_TILES = 2
 TRANSFORM_WORKERS = 2
+# A placing writer's tiles are made this many bytes at a time in a per-thread buffer (`place_tile`).
+CHUNK_BYTES = 1 << 20
 
 
 @dataclass(frozen=True, slots=True)
@@ -167,12 +170,32 @@ def _fill_at_random(
     """Each worker transforms its tile straight into the writer's mapped file and returns the
     tile's CRC; the CRCs are joined here in file order. No writer thread, no tile buffers."""
 
-    def place_tile(part: Rows, target: TensorSpec, row: int) -> Placed:
-        out = writer.target_array(target.name)
-        dst = out[row : row + part.shape[0]] if out.ndim else out
-        if dst.size:
-            blocked_copy(dst, part)
-        return Placed(_crc(dst), dst.nbytes)
+    buffers = threading.local()
+
+    def place_tile(part: Rows, target: TensorSpec, row: int, bits: bool) -> Placed:
+        # A tile is made in chunks of rows in a small per-thread buffer that stays in the CPU
+        # cache, checksummed there, and handed to the kernel with pwrite (`write_at`).
+        dtype = part.dtype if bits else dtypes.to_numpy(target.dtype)
+        if part.ndim == 0 or part.size == 0:
+            tile = np.empty(part.shape, dtype=dtype)
+            blocked_copy(tile, part)
+            writer.write_at(target.name, 0, tile.reshape(-1).data)
+            return Placed(_crc(tile), tile.nbytes)
+        row_bytes = (part.size // part.shape[0]) * dtype.itemsize
+        rows = max(1, CHUNK_BYTES // row_bytes)
+        buf = getattr(buffers, "buf", None)
+        if buf is None or buf.nbytes < rows * row_bytes:
+            buf = buffers.buf = np.empty(max(CHUNK_BYTES, rows * row_bytes), dtype=np.uint8)
+        crc, start = 0, row * row_bytes
+        for r0 in range(0, part.shape[0], rows):
+            chunk = part[r0 : r0 + rows]
+            out = buf[: chunk.shape[0] * row_bytes].view(dtype).reshape(chunk.shape)
+            blocked_copy(out, chunk)
+            data = out.reshape(-1).view(np.uint8).data
+            crc = crc32(data, crc)
+            writer.write_at(target.name, start, data)
+            start += out.nbytes
+        return Placed(crc, part.shape[0] * row_bytes)
 
     def place_copy(step: Step, brange: ByteRange, view: np.ndarray) -> Placed:
         if not writer.copy_at(step.target.name, brange):
@@ -182,6 +205,7 @@ def _fill_at_random(
         return Placed(_crc(view), step.target.nbytes)
 
     checksum = Checksum()
+    raw = RawSources(reader, reader.specs())
     items = _produce(
         reader,
         shard,
@@ -189,17 +213,36 @@ def _fill_at_random(
         prefetch=readahead is None,
         tile_job=place_tile,
         copy_job=place_copy,
+        raw=raw,
     )
+    try:
+        _place_all(reader, shard, writer, items, checksum, on_bytes, readahead, raw)
+    finally:
+        raw.close()
+    return checksum.hexdigest()
+
+
+def _place_all(
+    reader: Reader,
+    shard: Shard,
+    writer: PlacingWriter,
+    items: Iterator[Item],
+    checksum: Checksum,
+    on_bytes: Callable[[int], object] | None,
+    readahead: Readahead | None,
+    raw: RawSources,
+) -> None:
     for item in items:
         if isinstance(item, Release):
             _release(reader, item.step, readahead)
+            raw.release(step_ranges(reader, item.step))
         elif isinstance(item, Placed):
             checksum.combine(item.crc, item.nbytes)
+            writer.placed_through(checksum.size)  # items arrive in file order
             if on_bytes:
                 on_bytes(item.nbytes)
         else:  # pragma: no cover - both jobs place what they produce
             raise TypeError(f"{shard.name}: unexpected {type(item).__name__} for a placing writer")
-    return checksum.hexdigest()
 
 
 def _release(reader: Reader, step: Step, readahead: Readahead | None) -> None:
@@ -342,8 +385,9 @@ def _produce(
     pool: ThreadPoolExecutor,
     *,
     prefetch: bool = True,
-    tile_job: Callable[[Rows, TensorSpec, int], Tile | Placed] | None = None,
+    tile_job: Callable[[Rows, TensorSpec, int, bool], Tile | Placed] | None = None,
     copy_job: Callable[[Step, ByteRange, np.ndarray], Placed] | None = None,
+    raw: RawSources | None = None,
 ) -> Iterator[Item]:
     """Items for one shard, in order: tiles (transformed on `pool`), byte copies, releases.
 
@@ -375,7 +419,11 @@ def _produce(
                 limit, saved = 0, limit
                 yield from ready()
                 limit = saved
-            arrays = [reader.read(s) for s in step.sources]
+            ranges = raw.ranges(step) if raw is not None else None
+            if raw is not None and ranges is not None:  # moves bits only: see rawbits.py
+                arrays = raw.arrays(step, ranges)
+            else:
+                arrays = [reader.read(s) for s in step.sources]
             brange: ByteRange | None = None
             if _is_byte_copy(step, specs[step.sources[0]]):
                 brange = reader.byte_range(step.sources[0])
@@ -388,7 +436,7 @@ def _produce(
                 if view.shape != step.target.shape:
                     view = view.reshape(step.target.shape)
                 for row, part in _tile_slices(view, step.target):
-                    window.append(pool.submit(make_tile, part, step.target, row))
+                    window.append(pool.submit(make_tile, part, step.target, row, bool(ranges)))
                     del part  # only the future holds the slice, so the group dies with its tiles
                     yield from ready()
                 del view
@@ -419,7 +467,7 @@ def _tile_slices(view: Rows, target: TensorSpec) -> Iterator[tuple[int, Rows]]:
         yield r0, view[r0 : r0 + rows]
 
 
-def _one_tile(part: Rows, target: TensorSpec, row: int) -> Tile:
+def _one_tile(part: Rows, target: TensorSpec, row: int, bits: bool) -> Tile:
     ((_, tile),) = tiles(
         part, TensorSpec(target.name, part.shape, target.dtype), tile_bytes=1 << 62
     )
