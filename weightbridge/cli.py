@@ -89,14 +89,10 @@ def _make_plan(args: argparse.Namespace) -> Plan:
     _say_which_weights(args.source, args.like)
     if args.plan:
         return Plan.load(args.plan)
-    transforms = None
-    if args.rules:
-        from weightbridge.planning.rulesfile import load_transforms
-
-        transforms = load_transforms(args.rules)
+    transforms, target = _rules_and_target(args)
     return api.plan(
         args.source,
-        args.like,
+        target,
         renames=_load_rules(args),
         rules=transforms,
         partial=args.partial,
@@ -107,6 +103,38 @@ def _make_plan(args: argparse.Namespace) -> Plan:
         hints=_hints(args),
         dequantize=args.dequantize,
     )
+
+
+def _rules_and_target(args: argparse.Namespace) -> tuple[dict[str, Any] | None, Any]:
+    """The rules file's transforms and the target: ``--like``, or, for a rules file with
+    source ops (``--rules llama_hf_to_gguf``), what its renames and ops make of the source."""
+    if not args.rules:
+        return None, args.like
+    from weightbridge.planning import rulesfile
+
+    transforms: dict[str, Any] = dict(rulesfile.load_transforms(args.rules))
+    given = {}
+    for text in args.rules_param or []:
+        name, sep, value = text.partition("=")
+        if not sep:
+            from weightbridge.errors import RuleError
+
+            raise RuleError(f"--rules-param {text!r} must look like NAME=VALUE, e.g. n_head=32")
+        given[name.strip()] = value.strip()
+    if not given and not rulesfile.has_source_ops(args.rules):
+        return transforms, args.like
+    from weightbridge import api
+
+    config, config_path = rulesfile.read_hf_config(str(args.source))
+    params = rulesfile.resolve_params(args.rules, given, config, config_path)
+    expansion = rulesfile.expand_source_ops(
+        args.rules,
+        api.spec_of(args.source),
+        renames=_load_rules(args),
+        params=params,
+        whole=args.like is None,
+    )
+    return {**expansion.transforms, **transforms}, args.like or expansion.target
 
 
 def _hints(args: argparse.Namespace) -> list[tuple[str, str]]:
@@ -219,8 +247,15 @@ def _convert_batch(args: argparse.Namespace, scale: dict[str, Any]) -> int:
     _say_which_weights(*args.source, args.like)
     transforms = None
     if args.rules and not args.plan:
-        from weightbridge.planning.rulesfile import load_transforms
+        from weightbridge.planning.rulesfile import has_source_ops, load_transforms
 
+        if has_source_ops(args.rules) or args.rules_param:
+            from weightbridge.errors import RuleError
+
+            raise RuleError(
+                f"--rules {args.rules}: its ops depend on each source's shapes and parameters; "
+                "convert one source at a time"
+            )
         transforms = load_transforms(args.rules)
     planning: dict[str, Any] = {}
     if not args.plan:
@@ -416,7 +451,14 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument(
             "--rules",
             help="rules file (JSON or YAML) with renames and transforms, or the name of one "
-            "shipped with weightbridge (keras_resnet_to_torchvision)",
+            "shipped with weightbridge (keras_resnet_to_torchvision, llama_hf_to_gguf)",
+        )
+        s.add_argument(
+            "--rules-param",
+            action="append",
+            metavar="NAME=VALUE",
+            help="a number the rules file needs (repeatable), e.g. n_head=32 n_head_kv=8 for "
+            "llama_hf_to_gguf; by default read from the source folder's config.json",
         )
         s.add_argument(
             "--hint",

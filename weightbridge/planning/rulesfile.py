@@ -5,20 +5,40 @@ Today a rules file holds rename rules::
     {"rename": [["^module\\\\.", ""], ["layers\\\\.(\\\\d+)", "block_\\\\1"]]}
 
 ``rename`` may also be an object ``{pattern: replacement}`` (applied in file order).
+
+A rules file may also give ops to apply to source tensors (``source_ops``: a source regex, full
+match, first match wins) and declare the numbers those ops need and the shapes do not tell
+(``params``: LLaMA's head counts). In a source op, any number may be written as a parameter's
+name or as ``"shape[i]"`` (the source tensor's axis i), and a reshape may hold one ``-1``;
+`expand_source_ops` turns them into plain ops for each tensor, so a plan shows (and a saved
+plan replays) them without the parameters. A parameter comes from ``--rules-param NAME=N``,
+else from its ``config`` key in the source folder's ``config.json`` (a Hugging Face folder),
+else from its ``default`` (a number or another parameter's name; for a parameter with a
+``config`` key, only when a ``config.json`` was read and lacks that key)::
+
+    {"params": {"n_head": {"config": "num_attention_heads"}},
+     "rename": [["^model\\\\.layers\\\\.(\\\\d+)\\\\.self_attn\\\\.q_proj\\\\.", "blk.\\\\1.attn_q."]],
+     "source_ops": [{"source": "model\\\\.layers\\\\.\\\\d+\\\\.self_attn\\\\.q_proj\\\\.weight",
+                     "ops": [{"op": "reshape", "shape": ["n_head", 2, -1, "shape[1]"]},
+                             {"op": "permute", "axes": [0, 2, 1, 3]},
+                             {"op": "reshape", "shape": ["shape[0]", "shape[1]"]}]}]}
 """
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import reprlib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from weightbridge.errors import DtypeError, PlanError, RuleError
-from weightbridge.ops import op_from_json
+from weightbridge.ops import Op, infer, op_from_json
 from weightbridge.planning.planner import Rename
 from weightbridge.planning.rules import Transform
-from weightbridge.spec import parse_json
+from weightbridge.spec import CheckpointSpec, TensorSpec, parse_json
 
 # YAML aliases let a few lines name one list thousands of times over (a "billion laughs"); a rules
 # file holds a few dozen rules, so one that expands past this many values is refused before
@@ -196,3 +216,307 @@ def load_renames(path: str | os.PathLike[str]) -> list[Rename]:
         except RuleError as e:
             raise RuleError(f"{os.fspath(path)}: rename rule #{i + 1}: {e}") from e
     return rules
+
+
+# --- parameters and source ops (rules that need numbers the shapes do not tell) -------------
+
+_SHAPE_REF = re.compile(r"shape\[(-?\d+)\]")
+
+
+@dataclass(frozen=True, slots=True)
+class Param:
+    """A number a rules file needs: given, read from ``config.json``, or its default."""
+
+    name: str
+    config: str | None = None  # the key of a Hugging Face config.json that holds it
+    default: int | str | None = None  # a number, or another parameter's name
+    help: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class SourceOps:
+    """Ops for each source tensor whose name fully matches `pattern` (still templates)."""
+
+    pattern: str
+    ops: tuple[Any, ...]
+    label: str
+
+
+@dataclass(frozen=True, slots=True)
+class Expansion:
+    """What a rules file's source ops give for one source checkpoint.
+
+    `transforms` are exact-name rules (target name -> source name and plain ops); `target` is
+    the checkpoint the renames and source ops produce, for a conversion without ``--like``.
+    """
+
+    transforms: dict[str, Transform]
+    target: CheckpointSpec
+
+
+def load_params(path: str | os.PathLike[str]) -> dict[str, Param]:
+    """The parameters a rules file declares (``params``), by name."""
+    where = os.fspath(path)
+    raw = load_rules_file(path).get("params", {})
+    if not isinstance(raw, dict):
+        raise RuleError(f"{where}: 'params' must be an object {{name: {{...}}}}")
+    out: dict[str, Param] = {}
+    for name, decl in raw.items():
+        if not isinstance(decl, dict) or set(decl) - {"config", "default", "help"}:
+            raise RuleError(
+                f"{where}: parameter {name!r} must be an object with fields among config, "
+                f"default, help; found {reprlib.repr(decl)}"
+            )
+        default = decl.get("default")
+        if default is not None and not (
+            (isinstance(default, int) and not isinstance(default, bool))
+            or (isinstance(default, str) and default in raw and default != name)
+        ):
+            raise RuleError(
+                f"{where}: parameter {name!r}: default must be a whole number or another "
+                f"parameter's name (one of {sorted(raw)}), found {default!r}"
+            )
+        config = decl.get("config")
+        if config is not None and not isinstance(config, str):
+            raise RuleError(f"{where}: parameter {name!r}: config must be a key name")
+        out[name] = Param(name, config, default, str(decl.get("help", "")))
+    return out
+
+
+def load_source_ops(path: str | os.PathLike[str]) -> list[SourceOps]:
+    """The ``source_ops`` entries of a rules file, in order (regexes checked, ops still templates)."""
+    where = os.fspath(path)
+    raw = load_rules_file(path).get("source_ops", [])
+    if not isinstance(raw, list):
+        raise RuleError(f"{where}: 'source_ops' must be a list of objects")
+    out = []
+    for i, entry in enumerate(raw, 1):
+        label = f"{where}: source_ops #{i}"
+        if (
+            not isinstance(entry, dict)
+            or set(entry) != {"source", "ops"}
+            or not isinstance(entry["source"], str)
+            or not isinstance(entry["ops"], list)
+            or not all(isinstance(o, dict) for o in entry["ops"])
+        ):
+            raise RuleError(
+                f'{label} must be an object {{"source": REGEX, "ops": [...]}}, found '
+                f"{reprlib.repr(entry)}"
+            )
+        try:
+            re.compile(entry["source"])
+        except re.error as e:
+            raise RuleError(
+                f"{label}: source {entry['source']!r} is not a valid regular expression ({e})"
+            ) from e
+        out.append(SourceOps(entry["source"], tuple(entry["ops"]), label))
+    return out
+
+
+def has_source_ops(path: str | os.PathLike[str]) -> bool:
+    """True when a rules file gives source ops or declares parameters (see `expand_source_ops`)."""
+    obj = load_rules_file(path)
+    return bool(obj.get("source_ops") or obj.get("params"))
+
+
+def read_hf_config(folder: str) -> tuple[dict[str, Any] | None, str | None]:
+    """A Hugging Face folder's ``config.json`` (parsed) and its path; (None, None) without one."""
+    path = os.path.join(folder, "config.json")
+    if not os.path.isdir(folder) or not os.path.isfile(path):
+        return None, None
+    try:
+        with open(path, encoding="utf-8") as f:
+            obj = parse_json(f.read())
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise RuleError(f"{path}: cannot read the model's config ({e})") from e
+    return (obj if isinstance(obj, dict) else None), path
+
+
+def resolve_params(
+    path: str | os.PathLike[str],
+    given: Mapping[str, str],
+    config: Mapping[str, Any] | None = None,
+    config_path: str | None = None,
+) -> dict[str, int]:
+    """Each declared parameter's value: `given` (``--rules-param``), else `config`, else default.
+
+    Raises:
+        RuleError: a given name the file does not declare, a value that is not a whole number,
+            or a parameter nothing gives (the message says how to give it).
+    """
+    where = os.fspath(path)
+    declared = load_params(path)
+    unknown = sorted(set(given) - set(declared))
+    if unknown:
+        raise RuleError(
+            f"{where}: --rules-param {unknown[0]}: the rules file declares no such parameter "
+            f"(it declares: {', '.join(sorted(declared)) or 'none'})"
+        )
+    values: dict[str, int] = {}
+    for name, text in given.items():
+        try:
+            values[name] = int(text)
+        except ValueError:
+            raise RuleError(
+                f"--rules-param {name}={text!r}: expected a whole number, e.g. {name}=32"
+            ) from None
+    for name, p in declared.items():
+        if name in values or p.config is None or config is None or p.config not in config:
+            continue
+        value = config[p.config]
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise RuleError(
+                f"{config_path}: {p.config} is {value!r}, but parameter {name!r} of {where} "
+                f"needs a whole number; pass --rules-param {name}=N"
+            )
+        values[name] = value
+    for _ in declared:  # defaults may name another parameter (n_head_kv: n_head)
+        for name, p in declared.items():
+            # A default stands for a key config.json leaves out (as Hugging Face reads it),
+            # not for a config.json that is not there: then the user says.
+            if name in values or p.default is None or (p.config is not None and config is None):
+                continue
+            if isinstance(p.default, int):
+                values[name] = p.default
+            elif p.default in values:
+                values[name] = values[p.default]
+    for name, p in declared.items():
+        if name not in values:
+            about = f" ({p.help})" if p.help else ""
+            how = f"pass --rules-param {name}=N"
+            if p.config is not None:
+                how += f", or convert from a Hugging Face folder whose config.json has {p.config!r}"
+                if config_path is not None:
+                    how += f" ({config_path} has none)"
+            raise RuleError(f"{where}: the rules need parameter {name!r}{about}: {how}")
+    return values
+
+
+def _fill(value: Any, names: Mapping[str, int], shape: tuple[int, ...], label: str) -> Any:
+    """An op template's field with parameter names and ``shape[i]`` replaced by numbers."""
+    if isinstance(value, list):
+        return [_fill(v, names, shape, label) for v in value]
+    if not isinstance(value, str):
+        return value
+    if value in names:
+        return names[value]
+    ref = _SHAPE_REF.fullmatch(value)
+    if ref is not None:
+        axis = int(ref.group(1))
+        if not -len(shape) <= axis < len(shape):
+            raise RuleError(f"{label}: {value!r} does not exist in shape {shape}")
+        return shape[axis]
+    raise RuleError(
+        f"{label}: {value!r} is neither a parameter ({', '.join(sorted(names)) or 'none'}) "
+        "nor shape[i]"
+    )
+
+
+def _shown(names: Mapping[str, int]) -> str:
+    return ", ".join(f"{k}={v}" for k, v in names.items()) or "none"
+
+
+def _resolve_op(
+    template: Mapping[str, Any],
+    names: Mapping[str, int],
+    source: tuple[int, ...],
+    shape: tuple[int, ...],
+    label: str,
+) -> Op:
+    """One plain op from a template: ``shape[i]`` is the `source` tensor's axis i, and a
+    reshape's -1 takes what the op's input (of `shape`) leaves."""
+    obj = {
+        k: v if k in ("op", "dtype") else _fill(v, names, source, label)
+        for k, v in template.items()
+    }
+    if obj.get("op") == "reshape" and isinstance(obj.get("shape"), list):
+        dims = obj["shape"]
+        if dims.count(-1) > 1:
+            raise RuleError(f"{label}: a reshape may hold one -1, found {dims}")
+        if -1 in dims:
+            known = math.prod(d for d in dims if d != -1)
+            total = math.prod(shape)
+            if known <= 0 or total % known:
+                raise RuleError(
+                    f"{label}: reshape {template.get('shape')} = {dims} does not fit shape "
+                    f"{shape} ({total} elements are not a multiple of {known}); check the "
+                    f"parameters ({_shown(names)})"
+                )
+            obj["shape"] = [total // known if d == -1 else d for d in dims]
+    try:
+        return op_from_json(obj, where=label)
+    except PlanError as e:
+        raise RuleError(str(e)) from e
+    except DtypeError as e:
+        raise RuleError(f"{label}: {e}") from e
+
+
+def expand_source_ops(
+    path: str | os.PathLike[str],
+    source: CheckpointSpec,
+    *,
+    renames: Sequence[Rename] = (),
+    params: Mapping[str, int] | None = None,
+    whole: bool = True,
+) -> Expansion:
+    """A rules file's source ops as exact-name rules for `source`, with plain ops.
+
+    Each source tensor keeps the name `renames` give it (an empty name drops it); the first
+    ``source_ops`` entry whose regex fully matches its *source* name gives its ops, with
+    parameters and ``shape[i]`` filled in from `params` and the tensor's shape. `whole`: make
+    a rule for every tensor (for a conversion whose target is `Expansion.target`), not only
+    for those with ops.
+
+    Raises:
+        RuleError: ops that do not fit a tensor (the message names it), or two tensors renamed
+            to one name.
+
+    >>> import json, tempfile
+    >>> from weightbridge.spec import TensorSpec
+    >>> with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+    ...     json.dump({"params": {"h": {}}, "source_ops": [{"source": "q", "ops": [
+    ...         {"op": "reshape", "shape": ["h", -1, "shape[1]"]}]}]}, f)
+    >>> x = expand_source_ops(f.name, CheckpointSpec.of([TensorSpec("q", (8, 3), "F32")]),
+    ...                       params={"h": 2})
+    >>> x.transforms["q"].ops
+    (Reshape(shape=(2, 4, 3)),)
+    >>> os.unlink(f.name)
+    """
+    names = dict(params or {})
+    entries = [(e, re.compile(e.pattern)) for e in load_source_ops(path)]
+    transforms: dict[str, Transform] = {}
+    out: list[TensorSpec] = []
+    by_name: dict[str, str] = {}
+    for t in source:
+        name = t.name
+        for rule in renames:
+            name = rule.apply(name)
+        if not name:
+            continue
+        if name in by_name:
+            raise RuleError(
+                f"{os.fspath(path)}: source tensors {by_name[name]!r} and {t.name!r} both "
+                f"become {name!r}; fix the rename rules so each name comes from one source"
+            )
+        by_name[name] = t.name
+        ops: list[Op] = []
+        for entry, regex in entries:
+            if regex.fullmatch(t.name):
+                shape = t.shape
+                for i, template in enumerate(entry.ops, 1):
+                    label = f"{entry.label} op #{i} on {t.name!r} {shape}"
+                    op = _resolve_op(template, names, t.shape, shape, label)
+                    try:
+                        shape, _ = infer([op], [shape], t.dtype, where=label)
+                    except PlanError as e:
+                        raise RuleError(f"{e}; check the parameters ({_shown(names)})") from e
+                    ops.append(op)
+                break
+        shape, dtype = infer(ops, [t.shape], t.dtype, where=f"tensor {t.name!r}")
+        out.append(TensorSpec(name, shape, dtype))
+        if ops or whole:
+            # exact names: the key is a regex, the source a template (backslashes doubled)
+            transforms[re.escape(name)] = Transform(
+                original_key=t.name.replace("\\", "\\\\"), ops=tuple(ops)
+            )
+    return Expansion(transforms, CheckpointSpec.of(out))
