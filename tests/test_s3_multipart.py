@@ -326,3 +326,22 @@ def test_bookkeeping_uploads_grow_linearly_with_the_shard_count(
         per_shard[n] = total / n
     # Rewriting the journal after each shard made this grow with n (quadratic in all).
     assert per_shard[32] <= 1.25 * per_shard[8], per_shard
+
+
+def test_a_shard_that_cannot_be_staged_is_refused_before_any_write(
+    tmp_path: Path,
+    s3: Any,  # noqa: F811
+) -> None:
+    """Byte shards are staged in TMPDIR before their upload: one larger than its free space is
+    refused up front, naming the directory and what to do, with nothing left behind."""
+    import shutil
+
+    from weightbridge.spec import TensorSpec
+
+    dest = TensorstoreDestination(f"s3://{BUCKET}/staging", tmpdir=str(tmp_path))
+    too_big = 2 * shutil.disk_usage(tmp_path).free
+    with pytest.raises(ConversionError, match=r"staged in .* GB free; point TMPDIR"):
+        dest.open_shard(
+            "model.safetensors", "safetensors", [TensorSpec("w", (too_big,), "U8")], None
+        )
+    assert list(tmp_path.iterdir()) == []

@@ -151,7 +151,9 @@ class _ByteSink:
         from weightbridge import io as wio
 
         self.dest, self.name = dest, name
-        self._check_size(sum(t.nbytes for t in tensors))  # before any work on this shard
+        nbytes = sum(t.nbytes for t in tensors)
+        self._check_size(nbytes)  # before any work on this shard
+        _check_staging_space(dest.tmpdir, nbytes, f"{dest.url}/{name}")
         fd, self.tmp = tempfile.mkstemp(
             prefix=f"{_UPLOAD_PREFIX}{os.getpid()}-", suffix=f"-{name}", dir=dest.tmpdir
         )
@@ -657,6 +659,20 @@ class _DownloadedReader(BaseReader):
             self._inner.close()
         finally:
             shutil.rmtree(self._tmp, ignore_errors=True)
+
+
+def _check_staging_space(tmpdir: str, nbytes: int, where: str) -> None:
+    """Refuse to stage a shard where it cannot fit, before writing any of it."""
+    try:
+        free = shutil.disk_usage(tmpdir).free
+    except OSError:  # cannot tell: the write itself reports a full disk
+        return
+    if nbytes > free:
+        raise ConversionError(
+            f"{where}: this shard ({nbytes / 1e9:.2f} GB) is staged in {tmpdir} before its "
+            f"upload, which has {free / 1e9:.2f} GB free; point TMPDIR (or dest_options="
+            "{'tmpdir': ...}) at a larger disk, or pass a smaller --max-shard-size"
+        )
 
 
 def _remove(path: str) -> None:
