@@ -208,3 +208,38 @@ def test_s3_killed_anywhere_resumes_byte_identical(
     print(
         h.say(f"{kills} kills in {trial} trials, writing for {h.span:.2f} s, {h.versions} versions")
     )
+
+
+def test_a_resume_from_an_object_source_that_changed_is_refused(
+    tmp_path: Path,
+    s3: Any,  # noqa: F811
+) -> None:
+    """An object source is stamped by size and ETag: replaced between an interrupted run and
+    its resume (same size, new bytes), the resume refuses to mix the two versions."""
+    from weightbridge import api
+
+    _, client = s3
+    rng = np.random.default_rng(0)
+    tensors = {f"w{i}": rng.standard_normal((64, 64), dtype=np.float32) for i in range(4)}
+    local = tmp_path / "src.safetensors"
+    write_checkpoint(str(local), tensors)
+    client.upload_file(str(local), BUCKET, "changing/src.safetensors")
+    url, out = f"s3://{BUCKET}/changing/src.safetensors", tmp_path / "out"
+    first = api.convert(url, out, max_shard_size=40_000, partition=(1, 2))  # half the shards
+    assert first.written and len(first.written) < 4
+    tensors["w0"] = tensors["w0"] + 1  # same shapes, so the same size: only the ETag tells
+    write_checkpoint(str(local), tensors)
+    client.upload_file(str(local), BUCKET, "changing/src.safetensors")
+    # A new process, as a resume is: this one remembers the object for a few seconds.
+    cmd = [sys.executable, "-m", "weightbridge", "convert", url, "-o", str(out), "-q"]
+    cmd += ["--max-shard-size", "40000"]
+    refused = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert refused.returncode != 0
+    assert "source changed" in refused.stderr and "--overwrite" in refused.stderr
+    subprocess.run([*cmd, "--overwrite"], capture_output=True, text=True, timeout=600, check=True)
+    from safetensors.numpy import load_file
+
+    got = {}
+    for f in sorted(out.glob("*.safetensors")):
+        got.update(load_file(str(f)))
+    np.testing.assert_array_equal(got["w0"], tensors["w0"])

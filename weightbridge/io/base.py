@@ -72,7 +72,7 @@ class Reader(Protocol):
         ...
 
     def files(self) -> list[str]:
-        """The local files the checkpoint is read from."""
+        """The files (local paths or object URLs) the checkpoint is read from."""
         ...
 
     def close(self) -> None: ...
@@ -186,9 +186,10 @@ class BaseReader:
         """Ask for `name`'s bytes to be read ahead, in the background (a hint; may do nothing)."""
 
     def files(self) -> list[str]:
-        """The local files this checkpoint is read from (a resume checks none has changed)."""
+        """The files (local paths or object URLs) this checkpoint is read from (a resume
+        checks none has changed)."""
         path = getattr(self, "path", "")
-        return [path] if path and os.path.isfile(path) else []
+        return [path] if path and (is_object_url(path) or os.path.isfile(path)) else []
 
     def close(self) -> None:
         pass

@@ -161,8 +161,7 @@ class ShardedReader(BaseReader):
         self._where[name].prefetch(name)
 
     def files(self) -> list[str]:
-        index = [] if is_object_url(self.path) else [self.path]  # local files only
-        return [*index, *(f for r in self._readers.values() for f in r.files())]
+        return [self.path, *(f for r in self._readers.values() for f in r.files())]
 
     def close(self) -> None:
         for r in self._readers.values():

@@ -44,7 +44,8 @@ from weightbridge import io as wio
 from weightbridge._files import is_url
 from weightbridge.compare import compare_values
 from weightbridge.errors import ConversionError, PlanError, VerifyError, WeightbridgeError
-from weightbridge.io._remote import current_options
+from weightbridge.io._obstore import is_object_url
+from weightbridge.io._remote import current_options, remote_object
 from weightbridge.io.base import Reader, UnionReader
 from weightbridge.plan import Plan
 from weightbridge.planning.shards import (
@@ -501,9 +502,14 @@ def _shard_limit(target: Destination, format: str, max_shard_size: int | str) ->
 
 
 def _source_state(reader: Reader) -> list[list[Any]]:
-    """Size and modification time of every source file: cheap, and enough to see a swap."""
-    state = []
+    """Size and modification time of every source file (size and ETag of an object): cheap,
+    and enough to see a swap."""
+    state: list[list[Any]] = []
     for path in reader.files():
+        if is_object_url(path):
+            obj = remote_object(path)  # the record its reader made: no request
+            state.append([path, obj.size, obj.etag])
+            continue
         st = os.stat(path)
         state.append([os.path.abspath(path), st.st_size, st.st_mtime_ns])
     return state
