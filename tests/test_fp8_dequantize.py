@@ -356,3 +356,35 @@ def test_memory_stays_at_a_few_tiles(tmp_path, fmt) -> None:
             bits(np.asarray(got[last])), bits(reference(w[last].view(F8), s[-1:]))
         )
         del got
+
+
+@pytest.mark.torch
+def test_adapt_dequantizes_torch_float8_into_a_module(src) -> None:
+    """In memory too: a torch state dict holding float8_e4m3fn weights and their block scales
+    (as DeepSeek's checkpoints load) goes into bf16 modules, bit for bit the reference; without
+    `dequantize`, the cast is refused."""
+    import torch
+
+    from weightbridge import adapt
+
+    _, tensors = src
+    theirs = {}
+    for name, a in tensors.items():
+        if a.dtype == F8:
+            theirs[name] = torch.from_numpy(bits(a).copy()).view(torch.float8_e4m3fn)
+        elif a.dtype == BF16:
+            theirs[name] = torch.from_numpy(bits(a).copy()).view(torch.bfloat16)
+        else:
+            theirs[name] = torch.from_numpy(a.copy())
+    mine = {
+        name: torch.zeros(a.shape, dtype=torch.bfloat16)
+        for name, a in tensors.items()
+        if not name.endswith("_scale_inv")
+    }
+    with pytest.raises(PlanError, match="dequantize"):
+        adapt(theirs, mine)
+    out = adapt(theirs, mine, dequantize=True)
+    for name in SHAPES:
+        want = reference(tensors[name], tensors[name + "_scale_inv"])
+        assert out[name].dtype == torch.bfloat16
+        assert np.array_equal(out[name].view(torch.int16).numpy().view(np.uint16), bits(want))

@@ -42,6 +42,7 @@ def adapt(
     slice_mismatched: bool = False,
     flatten: str | None = None,
     check: tuple[Callable[..., Any], Callable[..., Any], Any] | None = None,
+    dequantize: bool = False,
 ) -> Any:
     """Mine's structure with their values.
 
@@ -75,6 +76,9 @@ def adapt(
             models (``inputs`` a tuple, or one input); every combination of the choices the
             matcher left open is tried and the one whose outputs agree is kept (and a plan that
             needed no choice is confirmed). `verbose` prints what execution decided.
+        dequantize: block-scaled FP8 weights (``X.weight`` float8 with ``X.weight_scale_inv``,
+            DeepSeek-V3 style) become ``float32(w) * scale`` per 128x128 block in mine's dtype,
+            and the scales are dropped (see `weightbridge.api.plan`).
 
     Tensors that are one tensor in memory (tied: T5's ``shared.weight`` and
     ``encoder.embed_tokens.weight``, an lm_head tied to the embedding) are planned once; in
@@ -104,6 +108,7 @@ def adapt(
             rules=rules,
             partial=partial,
             slice_mismatched=slice_mismatched,
+            dequantize=dequantize,
         )
     notes: list[str] = []
     src = _source_tree(theirs, notes)
@@ -140,6 +145,7 @@ def adapt(
                 ),
                 rules,
                 partial,
+                dequantize,
             )
             if cache_path:
                 plan.save(cache_path)
@@ -172,6 +178,7 @@ def _plan(
     matcher: Matcher,
     rules: Mapping[str, Any] | None,
     partial: bool,
+    dequantize: bool = False,
 ) -> tuple[Plan, list[str]]:
     """The first candidate source spec that plans (with `partial`: the one keeping fewest)."""
     best: tuple[Plan, list[str], int] | None = None
@@ -180,7 +187,13 @@ def _plan(
         log: list[str] = []
         try:
             plan = make_plan(
-                candidate, tgt_spec, matcher=matcher, rules=rules, partial=partial, log=log
+                candidate,
+                tgt_spec,
+                matcher=matcher,
+                rules=rules,
+                partial=partial,
+                log=log,
+                dequantize=dequantize,
             )
         except PlanError as e:
             first_error = first_error or e

@@ -99,6 +99,13 @@ def to_numpy(t: Any) -> np.ndarray:
 
         out: np.ndarray = t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
         return out
+    fp8 = str(t.dtype).removeprefix("torch.")
+    if fp8.startswith("float8_"):  # numpy has no fp8; ml_dtypes names them as torch does
+        import ml_dtypes
+
+        if hasattr(ml_dtypes, fp8):
+            bits: np.ndarray = t.contiguous().view(torch.uint8).numpy()
+            return bits.view(getattr(ml_dtypes, fp8))
     plain: np.ndarray = t.numpy()
     return plain
 
