@@ -17,7 +17,7 @@ from weightbridge import io as wio
 from weightbridge._files import atomic_write_json
 from weightbridge.compare import DiffReport as DiffReport
 from weightbridge.compare import diff as diff
-from weightbridge.errors import PlanError, SpecError
+from weightbridge.errors import FormatError, PlanError, SpecError
 from weightbridge.plan import Plan
 from weightbridge.spec import CheckpointSpec, TensorSpec, load_spec_file
 from weightbridge.streaming.convert import DEFAULT_MAX_SHARD_SIZE, ConversionReport
@@ -172,6 +172,9 @@ def plan(
     """
     from weightbridge.planning.match import Matcher as AutoMatcher
 
+    outtype = _gguf_outtype(dtype)
+    if outtype is not None:  # q8_0: no cast; the GGUF writer quantizes (`gguf.with_outtype`)
+        dtype = None
     if check is not None:
         from weightbridge.adapt import hints_by_execution
 
@@ -200,7 +203,7 @@ def plan(
             partial=partial,
             slice_mismatched=slice_mismatched,
         )
-    return make_plan(
+    made = make_plan(
         spec_of(source),
         None if target is None else spec_of(target),
         renames=_rules(renames),
@@ -213,6 +216,53 @@ def plan(
         log=log,
         dequantize=dequantize,
     )
+    if outtype is None:
+        return made
+    from weightbridge.io.gguf import with_outtype
+
+    return with_outtype(made, outtype)
+
+
+def _gguf_outtype(dtype: str | None) -> str | None:
+    """The GGUF quantization `dtype` names (``q8_0`` -> ``Q8_0``), else None."""
+    from weightbridge.io.gguf import outtype_of
+
+    return outtype_of(dtype)
+
+
+def _gguf_options(
+    format: str, dtype: str | None, gguf_metadata: str | os.PathLike[str] | None
+) -> dict[str, str] | None:
+    """The GGUF writer's options (`weightbridge.io.gguf.OPTION_OUTTYPE`, ...) for `convert`,
+    checked before anything is written; None when there are none.
+
+    Raises:
+        SpecError: a GGUF quantization or `gguf_metadata` with another output format.
+        FormatError: `gguf_metadata` is missing or not a GGUF file.
+    """
+    from weightbridge.io import gguf
+
+    outtype = gguf.outtype_of(dtype)
+    if format != "gguf" and (outtype is not None or gguf_metadata is not None):
+        what = (
+            f"dtype {dtype!r} (--dtype {dtype})" if outtype else "gguf_metadata (--gguf-metadata)"
+        )
+        raise SpecError(
+            f"{what} is for GGUF output, and the output format is {format!r}: add format='gguf' "
+            "(--format gguf)"
+            + (", or cast to a float dtype such as bf16 for other formats" if outtype else "")
+        )
+    options: dict[str, str] = {}
+    if outtype is not None:
+        options[gguf.OPTION_OUTTYPE] = outtype
+    if gguf_metadata is not None:
+        path = os.path.abspath(os.fspath(gguf_metadata))  # workers may run elsewhere
+        try:
+            gguf.key_values_of(path)
+        except FormatError as e:
+            raise FormatError(f"--gguf-metadata: {e}") from e
+        options[gguf.OPTION_KEY_VALUES] = path
+    return options or None
 
 
 _plan = plan  # `convert` has an argument called plan
@@ -272,6 +322,7 @@ def convert(
     partition: tuple[int, int] | None = None,
     endpoint: str | None = None,
     aws_region: str | None = None,
+    gguf_metadata: str | os.PathLike[str] | None = None,
     **planning: Any,
 ) -> ConversionReport | BatchReport:
     """Plan (unless a plan is given) and stream `source` into the directory `dest`.
@@ -299,8 +350,15 @@ def convert(
     planning, then each tensor's byte range once. `endpoint` and `aws_region` apply to it (and
     to `dest` where `dest_options` sets none). With other executors, each worker reads its own
     tensors' byte ranges from the same endpoint.
+
+    GGUF output (``format="gguf"``): ``dtype="q8_0"`` (or ``"q4_0"``) quantizes the tensors
+    llama.cpp's ``--outtype q8_0`` quantizes and keeps 1-D tensors and norms in F32 (the plan
+    says which); `gguf_metadata` names a GGUF whose key-values (architecture, tokenizer, ...)
+    are copied into the output; several shards are a llama.cpp split set
+    (``model-00001-of-00003.gguf``, ``split.*`` keys, key-values in the first file).
     """
     dest_options = _dest_options_with(dest_options, endpoint, aws_region)
+    writer_options = _gguf_options(format, planning.get("dtype"), gguf_metadata)
     if not isinstance(source, (str, os.PathLike)):
         return _convert_batch(
             list(source),
@@ -317,6 +375,7 @@ def convert(
             retries=retries,
             partition=partition,
             planning=planning,
+            metadata=writer_options,
         )
     source = os.fspath(source)
     with wio.open_reader(source) as reader:
@@ -329,6 +388,17 @@ def convert(
                     _union_spec(reader, the_plan, target),
                     target=target_spec_with_dtype(target, planning.get("dtype")),
                 )
+        if format == "gguf":
+            from weightbridge.io import gguf
+
+            outtype = _gguf_outtype(planning.get("dtype"))
+            if outtype is not None:  # a given plan too (idempotent)
+                the_plan = gguf.with_outtype(the_plan, outtype)
+            # A split set's files say how many tensors the set holds.
+            writer_options = {
+                **(writer_options or {}),
+                gguf.OPTION_TENSORS: str(len(the_plan.steps)),
+            }
         with _with_target_values(reader, the_plan, target) as full:
             report = _stream_convert(
                 the_plan,
@@ -343,6 +413,7 @@ def convert(
                 executor=executor,
                 retries=retries,
                 partition=partition,
+                metadata=writer_options,
             )
     _save_plan(the_plan, dest, format, dest_options)
     return report
@@ -427,7 +498,7 @@ def target_spec_with_dtype(target: Any, dtype: str | None) -> CheckpointSpec:
     from weightbridge.planning.planner import _FLOATS
 
     spec = spec_of(target)
-    if dtype is None:
+    if dtype is None or _gguf_outtype(dtype) is not None:  # q8_0 casts nothing in the plan
         return spec
     cast_to = dtypes.canonical(dtype)
     return CheckpointSpec.of(

@@ -34,7 +34,9 @@ _PATH_HELP = (
 )
 DTYPE_HELP = (
     "cast floating-point tensors to this dtype, e.g. bf16. With --like it overrides the "
-    "target's float dtypes (F16/BF16/F32/F64/F8); integer and bool tensors keep theirs"
+    "target's float dtypes (F16/BF16/F32/F64/F8); integer and bool tensors keep theirs. "
+    "With --format gguf, q8_0 or q4_0 quantize what llama.cpp's --outtype q8_0 quantizes "
+    "(1-D tensors and norms stay F32)"
 )
 
 
@@ -228,11 +230,13 @@ def cmd_convert(args: argparse.Namespace) -> int:
         keep_cache=args.keep_cache,
         **scale,
         # Unused by convert while a plan is given; meant for its check of the plan against
-        # --like, which should see the target's float dtypes as --dtype makes them.
+        # --like, which should see the target's float dtypes as --dtype makes them (and for
+        # --dtype q8_0, the GGUF writer's quantization).
         dtype=args.dtype,
+        gguf_metadata=args.gguf_metadata,
     )
     print(report.summary())
-    layout = [n for n in plan.notes if n.kind == "layout"]
+    layout = [n for n in plan.notes if n.kind in ("layout", "quantize")]
     for note in layout:
         print(f"note: {note}")
     if len(plan.notes) > len(layout) or plan.unused:
@@ -281,6 +285,7 @@ def _convert_batch(args: argparse.Namespace, scale: dict[str, Any]) -> int:
         progress=(not args.quiet and sys.stderr.isatty()) or args.progress,
         dest_options=_dest_options(args),
         keep_cache=args.keep_cache,
+        gguf_metadata=args.gguf_metadata,
         **scale,
         **planning,
     )
@@ -538,6 +543,12 @@ def build_parser() -> argparse.ArgumentParser:
         default="5GB",
         help="largest output file (default 5GB; byte formats into s3:// or gs:// are capped at "
         "64 MiB, the size uploaded from memory in one PUT)",
+    )
+    s.add_argument(
+        "--gguf-metadata",
+        metavar="FILE",
+        help="with --format gguf: copy every key-value (architecture, hyperparameters, tokenizer) "
+        "of this GGUF, e.g. one from llama.cpp's convert_hf_to_gguf.py --vocab-only",
     )
     s.add_argument("--save-plan", help="also save the plan JSON here")
     s.add_argument("--overwrite", action="store_true", help="replace another conversion's output")

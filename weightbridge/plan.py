@@ -88,7 +88,7 @@ class Step:
             raise PlanError(f"{where}: {e}") from e
 
 
-NoteKind = Literal["layout", "sliced", "kept", "buffer", "info"]
+NoteKind = Literal["layout", "sliced", "kept", "buffer", "info", "quantize"]
 
 
 @dataclass(frozen=True, slots=True)

@@ -19,16 +19,24 @@ before it is used.
 
 Key-values are kept whole (`key_values`); the spec's metadata shows each as a short string.
 
+A llama.cpp split set (``model-00001-of-00003.gguf`` ..., with ``split.no``/``split.count``/
+``split.tensors.count``) reads as one checkpoint from its first file or its folder.
+
 `GgufWriter` writes F32, F16, BF16, F64 and integer tensors as they are (Q8_0 and Q4_0 on request),
 with the header computed from the specs first, then each tensor's tiles at its aligned offset;
-gguf-py's `GGUFReader` is the oracle in the tests.
+gguf-py's `GGUFReader` is the oracle in the tests. For a conversion (``--format gguf``):
+``--dtype q8_0`` quantizes what llama.cpp's ``--outtype q8_0`` quantizes (`stored_type`,
+`with_outtype`), ``--gguf-metadata FILE`` copies another GGUF's key-values, and several output
+shards are a split set named and keyed as gguf-split writes them.
 """
 
 from __future__ import annotations
 
 import contextlib
+import glob
 import math
 import os
+import re
 import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -37,8 +45,8 @@ from typing import Any
 import numpy as np
 
 from weightbridge import dtypes
-from weightbridge.errors import DtypeError, FormatError
-from weightbridge.io._gguf_quants import QUANTIZERS, TYPES, GgmlType, dequantize
+from weightbridge.errors import DtypeError, FormatError, SpecError
+from weightbridge.io._gguf_quants import BY_NAME, QUANTIZERS, TYPES, GgmlType, dequantize
 from weightbridge.io._gguf_quants import quantize as quantize_blocks
 from weightbridge.io._tiles import TileCursor
 from weightbridge.io.base import (
@@ -49,6 +57,8 @@ from weightbridge.io.base import (
     source_buffer,
     source_size,
 )
+from weightbridge.ops import Cast
+from weightbridge.plan import Note, Plan, Step
 from weightbridge.spec import MAX_NBYTES, CheckpointSpec, TensorSpec
 
 NAME = "gguf"
@@ -77,6 +87,24 @@ _SHOWN_CHARS = 200
 _READABLE = tuple(t.name for t in TYPES.values() if t.code is not None or t.kernel is not None)
 # The output dtypes a quantized tensor can be dequantized to.
 OUTPUT_DTYPES = ("F32", "F16", "BF16")
+
+# llama.cpp's split files (gguf-split, gguf-py's GGUFWriter): ``<stem>-00001-of-00003.gguf``, each
+# with these key-values (gguf-py's `Keys.Split`; llama.cpp's LLM_KV_SPLIT_*): the split's number
+# from 0 (UINT16), the number of splits (UINT16) and the tensors in all splits (INT32).
+SPLIT_NAME = re.compile(r"-(\d{5})-of-(\d{5})\.gguf")
+SPLIT_NO, SPLIT_COUNT, SPLIT_TENSORS = "split.no", "split.count", "split.tensors.count"
+# Key-values whose values the writer decides (the layout), never copied from another file.
+_LAYOUT_KEYS = ("general.alignment", SPLIT_NO, SPLIT_COUNT, SPLIT_TENSORS)
+
+# Options of `GgufWriter` that travel in a shard's string metadata: the one channel from
+# `convert` to each shard's writer, in whichever process it runs. The writer takes them out of
+# the metadata; they are not written as key-values.
+OPTION_OUTTYPE = "weightbridge.gguf.outtype"  # "Q8_0": quantize as llama.cpp's --outtype q8_0
+OPTION_KEY_VALUES = "weightbridge.gguf.key_values_from"  # a GGUF whose key-values are copied
+OPTION_TENSORS = "weightbridge.gguf.tensor_count"  # tensors in all splits (split.tensors.count)
+_OPTIONS = (OPTION_OUTTYPE, OPTION_KEY_VALUES, OPTION_TENSORS)
+# llama.cpp's `general.file_type` (gguf-py's LlamaFileType) of a file quantized to each type.
+_FILE_TYPES = {"Q8_0": 7, "Q4_0": 2}
 
 # GGUF value types: id -> (name, struct format). STRING (8) and ARRAY (9) have no format.
 _SCALARS: dict[int, tuple[str, str]] = {
@@ -131,8 +159,52 @@ class TensorInfo:
 
 
 def detect(path: str, head: bytes) -> bool:
-    """True when the file starts with the GGUF magic."""
-    return head[:4] == MAGIC
+    """True when the file starts with the GGUF magic, or for a directory holding the first
+    file of a llama.cpp split set (``*-00001-of-0000N.gguf``)."""
+    if head[:4] == MAGIC:
+        return True
+    return not head and os.path.isdir(path) and bool(_first_splits(path))
+
+
+def _first_splits(folder: str) -> list[str]:
+    """The first files of the split sets in `folder`."""
+    pattern = "*-00001-of-[0-9][0-9][0-9][0-9][0-9].gguf"
+    return sorted(glob.glob(os.path.join(glob.escape(folder), pattern)))
+
+
+def _first_split_in(folder: str) -> str | None:
+    """The first file of the one split set in `folder` (None if there is none).
+
+    Raises:
+        FormatError: the folder holds several split sets.
+    """
+    found = _first_splits(folder)
+    if len(found) > 1:
+        raise FormatError(
+            f"{folder}: several GGUF split sets {[os.path.basename(f) for f in found]}; pass "
+            "the first file of the one you mean"
+        )
+    return found[0] if found else None
+
+
+def split_files(first: str, count: int) -> list[str]:
+    """The files of the split set whose first file is `first`, by llama.cpp's naming.
+
+    >>> split_files("/m/llama-00001-of-00003.gguf", 3)[1:]
+    ['/m/llama-00002-of-00003.gguf', '/m/llama-00003-of-00003.gguf']
+    """
+    m = SPLIT_NAME.search(os.path.basename(first))
+    folder, base = os.path.split(first)
+    if m is None or m.group(1) != "00001":
+        raise FormatError(
+            f"{first}: holds split 1 of {count} of a GGUF split set, but is not named like "
+            "<stem>-00001-of-0000N.gguf, so the other files cannot be found; rename it as "
+            "llama.cpp's gguf-split names them"
+        )
+    stem = base[: m.start()]
+    return [
+        os.path.join(folder, f"{stem}-{i:05d}-of-{count:05d}.gguf") for i in range(1, count + 1)
+    ]
 
 
 class _Cursor:
@@ -469,6 +541,104 @@ def _show(kv: KeyValue) -> str:
 
 
 # --------------------------------------------------------------------------------------------
+# Which tensors a quantized file quantizes: llama.cpp's rule.
+
+# The tensors llama.cpp's convert_hf_to_gguf.py keeps in F32 whatever --outtype says (its
+# `match_model_tensor_name` list: MoE routers, position and token-type embeddings, SSM and
+# RWKV mixing weights, ...), by their GGUF names.
+_F32_NAMES = re.compile(
+    r"^blk\.\d+\.(ffn_gate_inp|ssm_conv1d|shortconv\.conv|time_mix_first|time_mix_w1|"
+    r"time_mix_w2|time_mix_decay_w1|time_mix_decay_w2|time_mix_lerp_fused|altup_correct_coef|"
+    r"altup_predict_coef)\.weight$|^(position_embd|token_types|v\.position_embd|a\.position_embd)"
+    r"\.weight$|^posnet\.\d+\.norm[12]\.weight$"
+)
+# The source dtypes a quantized file quantizes (llama.cpp converts floats only).
+_QUANTIZABLE = ("F32", "F16", "BF16")
+
+
+def outtype_of(dtype: str | None) -> str | None:
+    """The GGML type `dtype` names when it is a GGUF quantization (``"q8_0"`` -> ``"Q8_0"``),
+    else None (a plain dtype such as ``bf16``).
+
+    >>> outtype_of("q8_0"), outtype_of("bf16"), outtype_of(None)
+    ('Q8_0', None, None)
+    """
+    if dtype is None:
+        return None
+    name = dtype.strip().upper()
+    return name if name in QUANTIZERS else None
+
+
+def stored_type(spec: TensorSpec, outtype: str) -> str:
+    """The GGML type llama.cpp's ``convert_hf_to_gguf.py --outtype q8_0`` (or ``q4_0``) gives
+    a tensor: F32 for 1-D tensors, norms, names not ending in ``.weight`` and the tensors it
+    always keeps in F32; F16 for rows that are not whole blocks (its fallback when gguf-py
+    cannot quantize them); `outtype` for the other float tensors. Integer tensors keep their
+    dtype.
+
+    >>> [stored_type(TensorSpec(n, s, "BF16"), "Q8_0") for n, s in [
+    ...     ("blk.0.attn_q.weight", (64, 64)), ("blk.0.attn_norm.weight", (64,)),
+    ...     ("output.bias", (64, 64)), ("blk.0.ffn_gate_inp.weight", (8, 64)),
+    ...     ("blk.0.ffn_up.weight", (64, 48))]]
+    ['Q8_0', 'F32', 'F32', 'F32', 'F16']
+    """
+    if spec.dtype not in _QUANTIZABLE:
+        return spec.dtype
+    name = spec.name
+    if (
+        len(spec.shape) <= 1
+        or name.endswith("_norm.weight")
+        or not name.endswith(".weight")
+        or _F32_NAMES.match(name)
+    ):
+        return "F32"
+    if spec.shape[-1] % BY_NAME[outtype].block_size:
+        return "F16"
+    return outtype
+
+
+def with_outtype(plan: Plan, outtype: str) -> Plan:
+    """`plan` for a GGUF file quantized to `outtype` as llama.cpp does (see `stored_type`):
+    tensors llama.cpp keeps in F32 (or F16) get that cast in the plan, the rest keep their
+    float dtype and are quantized by the writer (``--dtype q8_0 --format gguf``). A note says
+    what goes where.
+
+    Raises:
+        SpecError: `outtype` is not a type weightbridge quantizes to.
+    """
+    if outtype not in QUANTIZERS:
+        raise SpecError(
+            f"cannot quantize GGUF tensors to {outtype!r}; choose one of {sorted(QUANTIZERS)}"
+        )
+    steps: list[Step] = []
+    kinds: dict[str, list[str]] = {}
+    for step in plan.steps:
+        t = step.target
+        kind = stored_type(t, outtype)
+        kinds.setdefault(kind, []).append(t.name)
+        if kind in ("F32", "F16") and t.dtype in _QUANTIZABLE and t.dtype != kind:
+            cast = Cast(kind)
+            step = Step(TensorSpec(t.name, t.shape, kind), step.sources, (*step.ops, cast))
+        steps.append(step)
+    block = BY_NAME[outtype].block_size
+    parts = [f"{len(kinds.get(outtype, []))} tensor(s) quantized to {outtype}"]
+    if kinds.get("F32"):
+        parts.append(f"{len(kinds['F32'])} kept in F32 (1-D, norms, and the ones llama.cpp keeps)")
+    if kinds.get("F16"):
+        some = ", ".join(kinds["F16"][:3]) + (", ..." if len(kinds["F16"]) > 3 else "")
+        parts.append(
+            f"{len(kinds['F16'])} in F16 (rows not whole blocks of {block}, llama.cpp's "
+            f"fallback: {some})"
+        )
+    others = sum(len(v) for k, v in kinds.items() if k not in (outtype, "F32", "F16"))
+    if others:
+        parts.append(f"{others} non-float tensor(s) as they are")
+    text = f"quantize: GGUF {outtype}: " + "; ".join(parts)
+    notes = tuple(n for n in plan.notes if n.kind != "quantize") + (Note("quantize", text),)
+    return Plan(tuple(steps), plan.source_fingerprint, dict(plan.unused), notes)
+
+
+# --------------------------------------------------------------------------------------------
 # Writing.
 
 # weightbridge dtype code -> GGML type id of the types written as they are.
@@ -511,6 +681,16 @@ def encode_key_value(kv: KeyValue) -> bytes:
     return _encode_string(kv.key) + struct.pack("<I", _TYPE_IDS[kv.type]) + value
 
 
+@dataclass(frozen=True, slots=True)
+class Split:
+    """Where one file sits in a llama.cpp split set: its number from 0, the number of files,
+    and the tensors in all of them."""
+
+    no: int
+    count: int
+    tensors: int
+
+
 class GgufWriter:
     """Writes one `.gguf` file: F32, F16, BF16, F64 and integer tensors kept as they are, and
     the float tensors named in `quantize` (name -> ``"Q8_0"`` or ``"Q4_0"``) quantized tile by tile.
@@ -519,6 +699,13 @@ class GgufWriter:
     specs, so it is written first; each tensor's tiles then follow at its aligned offset.
     String `metadata` becomes STRING key-values (``general.alignment``, if given, a UINT32);
     `key_values` (from `GgufReader.key_values`) are written with their own types.
+
+    Options that come through `metadata` from a conversion (see `OPTION_OUTTYPE`): the type to
+    quantize to by llama.cpp's rule (`stored_type`), a GGUF file whose key-values are copied
+    (all but the layout keys: ``general.alignment``, ``split.*``), and the tensor count of a
+    split set. A file in a split set (`split`, or a name like ``model-00002-of-00003.gguf``)
+    gets the ``split.*`` keys, and key-values other than the alignment only in the first
+    file, as llama.cpp's gguf-split writes them.
     """
 
     suffix = ".gguf"
@@ -531,21 +718,54 @@ class GgufWriter:
         *,
         key_values: Sequence[KeyValue] = (),
         quantize: Mapping[str, str] | None = None,
+        split: Split | None = None,
     ) -> None:
         self.path = os.fspath(path)
         self._quantize: dict[str, GgmlType] = {}
-        kvs: dict[str, KeyValue] = {kv.key: kv for kv in key_values}
-        for key, value in (metadata or {}).items():
+        strings = dict(metadata or {})
+        options = {k: strings.pop(k) for k in _OPTIONS if k in strings}
+        split = split or self._split_of_name(options.get(OPTION_TENSORS))
+        first = split is None or split.no == 0
+        kvs: dict[str, KeyValue] = {}
+        source = options.get(OPTION_KEY_VALUES)
+        if source and first:
+            for kv in key_values_of(source).values():
+                if kv.key not in _LAYOUT_KEYS:
+                    kvs[kv.key] = kv
+        kvs.update((kv.key, kv) for kv in key_values)
+        for key, value in strings.items():
             if key == "general.alignment":
                 kvs[key] = KeyValue(key, "UINT32", int(value))
             else:
                 kvs.setdefault(key, KeyValue(key, "STRING", str(value)))
+        outtype = options.get(OPTION_OUTTYPE)
+        if outtype is not None:
+            if outtype not in QUANTIZERS:
+                raise FormatError(
+                    f"{self.path}: cannot quantize to {outtype!r}; choose one of "
+                    f"{sorted(QUANTIZERS)}"
+                )
+            kvs["general.file_type"] = KeyValue("general.file_type", "UINT32", _FILE_TYPES[outtype])
+            quantize = dict(quantize or {})
+            for spec in tensors:
+                if spec.name not in quantize and stored_type(spec, outtype) == outtype:
+                    quantize[spec.name] = outtype
         align_kv = kvs.get("general.alignment")
         self.alignment = int(align_kv.value) if align_kv is not None else DEFAULT_ALIGNMENT
         if self.alignment <= 0 or self.alignment & (self.alignment - 1):
             raise FormatError(
                 f"{self.path}: general.alignment {self.alignment} is not a power of two"
             )
+        if not first:  # the other files of a split set: the layout's keys only
+            kvs = {k: v for k, v in kvs.items() if k == "general.alignment"}
+        if split is not None:
+            for split_key, type_name, number in (
+                (SPLIT_NO, "UINT16", split.no),
+                (SPLIT_COUNT, "UINT16", split.count),
+                (SPLIT_TENSORS, "INT32", split.tensors),
+            ):
+                kvs.pop(split_key, None)  # written last, as gguf-py and gguf-split do
+                kvs[split_key] = KeyValue(split_key, type_name, number)
         infos = b""
         self._offsets: dict[str, int] = {}
         offset = 0
@@ -580,6 +800,20 @@ class GgufWriter:
         self._f = open(self.path, "wb")  # noqa: SIM115 - closed in close()/abort()
         self._f.write(header)
 
+    def _split_of_name(self, tensors: str | None) -> Split | None:
+        """The split a file named like ``model-00002-of-00003.gguf`` is (None for one file)."""
+        m = SPLIT_NAME.search(os.path.basename(self.path))
+        if m is None or int(m.group(2)) < 2:
+            return None
+        no, count = int(m.group(1)), int(m.group(2))
+        if tensors is None or not tensors.isdigit() or not 1 <= no <= count:
+            raise FormatError(
+                f"{self.path}: file {no} of a {count}-file GGUF split set needs the number of "
+                f"tensors in all files (metadata {OPTION_TENSORS!r}, or split=); "
+                "weightbridge's convert passes it"
+            )
+        return Split(no - 1, count, int(tensors))
+
     def _quantized_kind(self, spec: TensorSpec, name: str) -> GgmlType:
         kind = TYPES.get(_TYPE_BY_NAME.get(name.upper(), -1))
         where = f"{self.path}: tensor {spec.name!r}"
@@ -608,8 +842,15 @@ class GgufWriter:
         """Append one tile: consecutive whole rows of `name`, in declared order."""
         _, data = self._cursor.tile(name, tile, row)
         kind = self._quantize.get(name)
-        if kind is not None and data.size:  # whole rows are whole blocks: quantize tile by tile
-            data = quantize_blocks(kind, data.astype(np.float32).reshape(-1))
+        if kind is not None and data.size:
+            # Whole rows are whole blocks, so a tile quantizes alone, and a tile's blocks a few
+            # at a time: the float32 copy and the kernel's temporaries stay a few MB however
+            # large the tile.
+            flat = data.reshape(-1)
+            for start in range(0, flat.size, _TILE_ELEMENTS):
+                part = flat[start : start + _TILE_ELEMENTS].astype(np.float32)
+                self._f.write(quantize_blocks(kind, part).data)
+            return
         if data.size:
             self._f.write(data.reshape(-1).view(np.uint8).data)
 
@@ -640,6 +881,120 @@ class GgufWriter:
 Writer = GgufWriter
 
 
-def open_reader(path: str, *, dtype: str = "F32") -> GgufReader:
-    """Open a GGUF file; quantized tensors read as `dtype` (F32, F16 or BF16)."""
-    return GgufReader(path, dtype=dtype)
+def key_values_of(path: str) -> dict[str, KeyValue]:
+    """Every key-value of the GGUF file at `path` (for ``--gguf-metadata``).
+
+    Raises:
+        FormatError: `path` is missing or not a GGUF file (the message names it).
+    """
+    if not os.path.isfile(path):
+        raise FormatError(
+            f"{path}: no such GGUF file to copy key-values from; pass a .gguf such as one "
+            "written by llama.cpp's convert_hf_to_gguf.py --vocab-only"
+        )
+    reader = GgufReader(path)
+    try:
+        return reader.key_values()
+    finally:
+        reader.close()
+
+
+class GgufSplitReader(BaseReader):
+    """Reads a llama.cpp split set (``model-00001-of-00003.gguf`` ...) as one checkpoint:
+    the first file's key-values, every file's tensors."""
+
+    def __init__(self, first: GgufReader) -> None:
+        self.path = first.path
+        kvs = first.key_values()
+        count = int(kvs[SPLIT_COUNT].value)
+        self._parts = [first]
+        try:
+            for i, path in enumerate(split_files(first.path, count)[1:], 1):
+                if not os.path.isfile(path):
+                    raise FormatError(
+                        f"{path}: missing: {first.path} is split 1 of a {count}-file GGUF split "
+                        "set; put every file of the set in one folder"
+                    )
+                part = GgufReader(path, dtype=first.dtype)
+                self._parts.append(part)
+                no = part.key_values().get(SPLIT_NO)
+                if no is None or no.value != i:
+                    raise FormatError(
+                        f"{path}: expected split.no = {i} in file {i + 1} of the set, found "
+                        f"{None if no is None else no.value}; the set is mixed up"
+                    )
+        except BaseException:
+            self.close()
+            raise
+        self._owner: dict[str, GgufReader] = {}
+        tensors: list[TensorSpec] = []
+        for part in self._parts:
+            for spec in part.specs():
+                if spec.name in self._owner:
+                    raise FormatError(
+                        f"{part.path}: tensor {spec.name!r} is also in "
+                        f"{self._owner[spec.name].path}; the split set is corrupt"
+                    )
+                self._owner[spec.name] = part
+                tensors.append(spec)
+        expected = kvs.get(SPLIT_TENSORS)
+        if expected is not None and expected.value != len(tensors):
+            self.close()
+            raise FormatError(
+                f"{first.path}: split.tensors.count says {expected.value} tensors, the "
+                f"{count} files hold {len(tensors)}; a file of the set is from another model"
+            )
+        meta = dict(first.specs().metadata)
+        meta["gguf.splits"] = str(count)
+        self._spec = CheckpointSpec(tuple(tensors), meta)
+
+    def _part(self, name: str) -> GgufReader:
+        part = self._owner.get(name)
+        if part is None:
+            raise self._missing(name)
+        return part
+
+    def key_values(self) -> dict[str, KeyValue]:
+        """The first file's key-values (the metadata of the whole set)."""
+        return self._parts[0].key_values()
+
+    def tensor_info(self, name: str) -> TensorInfo:
+        return self._part(name).tensor_info(name)
+
+    def read(self, name: str) -> np.ndarray:
+        return self._part(name).read(name)
+
+    def byte_range(self, name: str) -> ByteRange | None:
+        return self._part(name).byte_range(name)
+
+    def prefetch(self, name: str) -> None:
+        if name in self._owner:
+            self._owner[name].prefetch(name)
+
+    def release(self, name: str) -> None:
+        if name in self._owner:
+            self._owner[name].release(name)
+
+    def files(self) -> list[str]:
+        return [f for p in self._parts for f in p.files()]
+
+    def close(self) -> None:
+        for part in self._parts:
+            part.close()
+
+
+def open_reader(path: str, *, dtype: str = "F32") -> GgufReader | GgufSplitReader:
+    """Open a GGUF file, or a llama.cpp split set given its first file or its folder;
+    quantized tensors read as `dtype` (F32, F16 or BF16)."""
+    if os.path.isdir(path):
+        first = _first_split_in(path)
+        if first is None:
+            raise FormatError(f"{path}: no GGUF split set (*-00001-of-0000N.gguf) in this folder")
+        path = first
+    reader = GgufReader(path, dtype=dtype)
+    kvs = reader.key_values()
+    count, no = kvs.get(SPLIT_COUNT), kvs.get(SPLIT_NO)
+    # A later file of a set alone reads its own tensors (the first file stands for the set).
+    if count is None or int(count.value) < 2 or (no is not None and no.value != 0):
+        return reader
+    return GgufSplitReader(reader)
