@@ -217,8 +217,11 @@ def test_verify_describes_how_values_differ_with_the_shared_comparison(tmp_path)
     data["fc/kernel"][2, 1] = 100.0
     os.remove(out / "model.safetensors")
     write(out / "model.safetensors", data)
-    with pytest.raises(VerifyError, match=r"1 of 32 elements differ \(max abs diff .* at \[2, 1\]"):
+    with pytest.raises(
+        VerifyError, match=r"1 of 32 elements differ \(max abs diff .* at \[2, 1\]"
+    ) as e:
         api.verify(src, out)
+    assert str(e.value).startswith(f"{out}: 1 tensor(s) differ")  # the path, not an object repr
     # diff, after a conversion: the output equals its source but for that element.
     r = api.diff(str(out), src)
     assert [d.name for d in r.value_mismatches] == ["fc/kernel"]

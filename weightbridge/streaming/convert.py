@@ -651,7 +651,8 @@ def verify(
     reader, owned = _open_source(source)
     try:
         plan.validate(reader.specs())
-        with destination_for(dest, **(dest_options or {})).open_reader() as out:
+        target = destination_for(dest, **(dest_options or {}))
+        with target.open_reader() as out:
             have = out.specs()
             bad = []
             for step in plan.steps:
@@ -683,7 +684,7 @@ def verify(
                     reader.release(s)
             if bad:
                 raise VerifyError(
-                    f"{dest}: {len(bad)} tensor(s) differ:\n  " + "\n  ".join(bad[:20])
+                    f"{target.url}: {len(bad)} tensor(s) differ:\n  " + "\n  ".join(bad[:20])
                 )
             return len(plan.steps)
     finally:
