@@ -385,8 +385,10 @@ def _source_options(s: argparse.ArgumentParser) -> None:
     """--endpoint and --aws-region: where s3:// URLs are read (sources, targets) and written."""
     s.add_argument(
         "--endpoint",
-        help="S3-compatible endpoint URL for every s3:// path of the command, sources and "
-        "destinations (default: $WEIGHTBRIDGE_S3_ENDPOINT, else AWS)",
+        help="endpoint URL for every s3:// and gs:// path of the command, sources and "
+        "destinations (default: $WEIGHTBRIDGE_S3_ENDPOINT for s3://, else AWS; "
+        "$STORAGE_EMULATOR_HOST for gs://, else Google; gs:// without Google credentials is an "
+        "emulator, read anonymously)",
     )
     s.add_argument("--aws-region", help="region for s3:// paths")
 

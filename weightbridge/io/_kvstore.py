@@ -28,6 +28,25 @@ TIMEOUT_SECONDS = 600.0
 # Read when no endpoint is given (--endpoint on the command line, endpoint= in Python).
 ENDPOINT_ENV = "WEIGHTBRIDGE_S3_ENDPOINT"
 
+# Google's client libraries' variable naming a GCS emulator (``host:port`` or a URL): the
+# endpoint of ``gs://`` URLs when none is given (--endpoint, endpoint=).
+GCS_EMULATOR_ENV = "STORAGE_EMULATOR_HOST"
+# tensorstore's gcs driver takes its server only from this variable (its spec has no endpoint
+# member), and, without credentials, a bearer token only from the next one.
+_TS_GCS_URL_ENV = "TENSORSTORE_GCS_HTTP_URL"
+_TS_GCS_TOKEN_ENV = "GOOGLE_AUTH_TOKEN_FOR_TESTING"
+# Where Google credentials come from besides the metadata server (obstore's and tensorstore's).
+_GOOGLE_CREDENTIAL_ENVS = (
+    "GOOGLE_APPLICATION_CREDENTIALS",
+    "GOOGLE_SERVICE_ACCOUNT",
+    "GOOGLE_SERVICE_ACCOUNT_PATH",
+    "GOOGLE_SERVICE_ACCOUNT_KEY",
+    "GOOGLE_BEARER_TOKEN",
+)
+# The token sent to a GCS endpoint that takes anonymous requests (an emulator, see
+# `gcs_anonymous`): emulators accept any.
+GCS_ANONYMOUS_TOKEN = "anonymous"
+
 # Splits a URL into scheme and the rest (`weightbridge._files.is_url` says whether it is one).
 _URL = re.compile(r"^([a-z][a-z0-9+.-]*)://(.*)$", re.IGNORECASE)
 _CONTEXT: Any = None
@@ -106,6 +125,10 @@ def kvstore_spec(
     `aws_credentials` (a tensorstore credentials spec; default ``{"type": "environment"}`` when
     ``$AWS_ACCESS_KEY_ID`` is set, else tensorstore's default chain).
 
+    GCS: `endpoint` (a GCS emulator or proxy; default ``$STORAGE_EMULATOR_HOST``, see
+    `gcs_endpoint`) is set process-wide, as tensorstore takes it (`_point_tensorstore_at_gcs`);
+    without Google credentials, requests there are anonymous (`gcs_anonymous`).
+
     >>> kvstore_spec("s3://bucket/out", endpoint="http://127.0.0.1:9000", aws_region="x")["path"]
     'out/'
     >>> kvstore_spec("memory://scratch")
@@ -127,6 +150,10 @@ def kvstore_spec(
             "bucket": bucket,
             "path": as_dir(key.strip("/")),
         }
+        if scheme == "gs":
+            server = gcs_endpoint(endpoint)
+            if server is not None:
+                _point_tensorstore_at_gcs(server, location)
         if scheme == "s3":
             env = os.environ
             endpoint = endpoint or (
@@ -149,6 +176,49 @@ def kvstore_spec(
         f"{location}: unsupported URL scheme {scheme!r}; use a local path, file://, memory://, "
         "s3://bucket/prefix or gs://bucket/prefix"
     )
+
+
+def gcs_endpoint(endpoint: str | None = None) -> str | None:
+    """The server of ``gs://`` URLs: `endpoint`, else ``$STORAGE_EMULATOR_HOST``, as a URL;
+    None for Google's own.
+
+    >>> gcs_endpoint("127.0.0.1:4443"), gcs_endpoint("https://gcs.example/")
+    ('http://127.0.0.1:4443', 'https://gcs.example')
+    """
+    raw = endpoint or os.environ.get(GCS_EMULATOR_ENV) or None
+    if raw is None:
+        return None
+    return (raw if "://" in raw else "http://" + raw).rstrip("/")
+
+
+def gcs_anonymous() -> bool:
+    """Whether requests to a custom GCS endpoint go without Google credentials (as Google's
+    clients do with ``$STORAGE_EMULATOR_HOST``): none is configured in the environment or by
+    ``gcloud auth application-default login``."""
+    if any(os.environ.get(name) for name in _GOOGLE_CREDENTIAL_ENVS):
+        return False
+    adc = os.path.join("~", ".config", "gcloud", "application_default_credentials.json")
+    return not os.path.exists(os.path.expanduser(adc))
+
+
+def _point_tensorstore_at_gcs(endpoint: str, location: str) -> None:
+    """Make tensorstore's gcs driver talk to `endpoint`, through the process environment (the
+    only way it takes one), with a dummy token where `gcs_anonymous`.
+
+    Raises:
+        FormatError: tensorstore already talks to another GCS endpoint in this process.
+    """
+    env = os.environ
+    current = env.get(_TS_GCS_URL_ENV)
+    if current and current.rstrip("/") != endpoint:
+        raise FormatError(
+            f"{location}: tensorstore reaches one GCS endpoint per process, and this one uses "
+            f"{current} (${_TS_GCS_URL_ENV}), not {endpoint}; convert from one GCS endpoint "
+            "per process (or unset the variable)"
+        )
+    env[_TS_GCS_URL_ENV] = endpoint
+    if gcs_anonymous():
+        env.setdefault(_TS_GCS_TOKEN_ENV, GCS_ANONYMOUS_TOKEN)
 
 
 def as_dir(path: str) -> str:

@@ -8,7 +8,9 @@ its end). obstore (Rust's `object_store`, one ~5 MB wheel) does both; it is the 
 Configuration follows the tensorstore side, so one ``--endpoint`` means the same thing on both:
 endpoint = the argument, else ``$WEIGHTBRIDGE_S3_ENDPOINT``, ``$AWS_ENDPOINT_URL_S3``,
 ``$AWS_ENDPOINT_URL``; region = the argument, else ``$AWS_REGION`` / ``$AWS_DEFAULT_REGION``, else
-``us-east-1``. Every request has a deadline and few retries, so an unreachable store ends in a
+``us-east-1``. For ``gs://``: endpoint = the argument, else ``$STORAGE_EMULATOR_HOST`` (Google's
+convention for emulators), with a dummy token there without Google credentials (`gcs_anonymous`).
+Every request has a deadline and few retries, so an unreachable store ends in a
 named error (`StoreUnreachable`) within ~a minute instead of a hang.
 """
 
@@ -21,7 +23,13 @@ from datetime import timedelta
 from typing import Any
 
 from weightbridge.errors import FormatError, WeightbridgeError
-from weightbridge.io._kvstore import ENDPOINT_ENV
+from weightbridge.io._kvstore import (
+    ENDPOINT_ENV,
+    GCS_ANONYMOUS_TOKEN,
+    GCS_EMULATOR_ENV,
+    gcs_anonymous,
+    gcs_endpoint,
+)
 
 # Per request: connecting must succeed within CONNECT, a whole request within REQUEST; a failed
 # request is retried at most RETRIES times within RETRY_WINDOW. Large transfers are split into
@@ -112,7 +120,17 @@ def open_store(url: str, *, endpoint: str | None = None, aws_region: str | None 
                 client["allow_http"] = True
         return store_mod.S3Store(bucket, config=config, client_options=client, retry_config=retry)
     if scheme == "gs":
-        return store_mod.GCSStore(bucket, client_options=client, retry_config=retry)
+        gcs: dict[str, Any] = {}
+        server = gcs_endpoint(endpoint)
+        if server is not None:
+            gcs["base_url"] = server
+            if server.lower().startswith("http://"):
+                client["allow_http"] = True
+            if gcs_anonymous():
+                # An emulator: any token. (obstore 0.12's skip_signature still fetches a
+                # token from the metadata server for uploads.)
+                gcs["bearer_token"] = GCS_ANONYMOUS_TOKEN
+        return store_mod.GCSStore(bucket, config=gcs, client_options=client, retry_config=retry)
     if scheme == "http":
         client["allow_http"] = True
     return store_mod.HTTPStore.from_url(
@@ -127,16 +145,17 @@ def _is_missing(e: BaseException) -> bool:
 def describe_failure(url: str, e: BaseException, endpoint: str | None = None) -> WeightbridgeError:
     """A named error for a failed request: which object, which endpoint, and what to check."""
     text = str(e).splitlines()[0] if str(e) else type(e).__name__
-    where = (
-        f" at {endpoint_from_env(endpoint) or 'AWS (no --endpoint given)'}"
-        if url.lower().startswith("s3://")
-        else ""
-    )
+    where, variable, credentials = "", ENDPOINT_ENV, "AWS_ACCESS_KEY_ID, ..."
+    if url.lower().startswith("s3://"):
+        where = f" at {endpoint_from_env(endpoint) or 'AWS (no --endpoint given)'}"
+    elif url.lower().startswith("gs://"):
+        where = f" at {gcs_endpoint(endpoint) or 'Google (no --endpoint given)'}"
+        variable, credentials = GCS_EMULATOR_ENV, "GOOGLE_APPLICATION_CREDENTIALS, ..."
     if _is_missing(e):
         return FormatError(f"{url}: no such object{where}; check the bucket and key")
     return StoreUnreachable(
         f"{url}: the object store{where} did not answer ({text}); check --endpoint (or "
-        f"${ENDPOINT_ENV}), the network and the credentials (AWS_ACCESS_KEY_ID, ...)"
+        f"${variable}), the network and the credentials ({credentials})"
     )
 
 
