@@ -48,6 +48,10 @@ from weightbridge.streaming.transform import Rows, blocked_copy, source_view, ti
 # at most ~6 tiles (~200 MB) in flight: the memory budget, with room to keep the disk busy.
 QUEUE_TILES = 2
 TRANSFORM_WORKERS = 2
+# Jobs submitted ahead for a placing writer: its jobs hold no buffers (their sources are mapped
+# views, their output goes straight to the file), so a deep window costs no memory and keeps
+# both workers busy past a long job (a 130 MB embedding copy).
+PLACING_IN_FLIGHT = 8 * TRANSFORM_WORKERS
 # A placing writer's tiles are made this many bytes at a time in a per-thread buffer (`place_tile`).
 CHUNK_BYTES = 1 << 20
 
@@ -214,6 +218,7 @@ def _fill_at_random(
         tile_job=place_tile,
         copy_job=place_copy,
         raw=raw,
+        in_flight=PLACING_IN_FLIGHT,
     )
     try:
         _place_all(reader, shard, writer, items, checksum, on_bytes, readahead, raw)
@@ -388,21 +393,36 @@ def _produce(
     tile_job: Callable[[Rows, TensorSpec, int, bool], Tile | Placed] | None = None,
     copy_job: Callable[[Step, ByteRange, np.ndarray], Placed] | None = None,
     raw: RawSources | None = None,
+    in_flight: int = 2 * TRANSFORM_WORKERS,
 ) -> Iterator[Item]:
     """Items for one shard, in order: tiles (transformed on `pool`), byte copies, releases.
 
-    A window of transforms stays in flight across tensor boundaries, so both workers stay busy
-    even when every tensor is a single tile; items leave in submission order.
+    A window of up to `in_flight` jobs stays submitted across tensor boundaries, so every
+    worker stays busy even when every tensor is a single tile or one job runs long; items leave
+    in submission order. A step whose source view may be a copy (several sources, a reshape of
+    a permuted view, a whole-tensor dequantize) first lets the window drain, so at most one
+    such copy is held at a time (the memory bound is the largest tensor).
     """
     specs = reader.specs()
     window: deque[_Pending] = deque()
-    limit = 2 * TRANSFORM_WORKERS
+    limit = in_flight
+    jobs = 0  # futures in the window
     make_tile = tile_job or _one_tile
 
     def ready() -> Iterator[Item]:
-        while window and (len(window) > limit or not isinstance(window[0], Future)):
+        nonlocal jobs
+        while window and (jobs > limit or not isinstance(window[0], Future)):
             head = window.popleft()
-            yield head.result() if isinstance(head, Future) else head
+            if isinstance(head, Future):
+                jobs -= 1
+                yield head.result()
+            else:
+                yield head
+
+    def submit(job: Callable[..., Tile | Placed], *args: object) -> None:
+        nonlocal jobs
+        window.append(pool.submit(job, *args))
+        jobs += 1
 
     try:
         # Without a Readahead thread, ask the reader to read the next tensor while we transform.
@@ -413,9 +433,7 @@ def _produce(
             if prefetch and i + 1 < len(shard.steps):
                 for s in shard.steps[i + 1].sources:
                     reader.prefetch(s)
-            if len(step.sources) > 1 and not transform.lazy_dequantize(step.ops):
-                # Concat/stack materialise the whole group: let the previous group's tiles finish
-                # first, so at most one group is held (the memory bound is the largest group).
+            if transform.may_copy(step.ops, len(step.sources)):
                 limit, saved = 0, limit
                 yield from ready()
                 limit = saved
@@ -428,7 +446,7 @@ def _produce(
             if _is_byte_copy(step, specs[step.sources[0]]):
                 brange = reader.byte_range(step.sources[0])
             if brange is not None and copy_job is not None:
-                window.append(pool.submit(copy_job, step, brange, arrays[0]))
+                submit(copy_job, step, brange, arrays[0])
             elif brange is not None:
                 window.append(ByteCopy(step, brange, arrays[0]))
             else:
@@ -436,7 +454,7 @@ def _produce(
                 if view.shape != step.target.shape:
                     view = view.reshape(step.target.shape)
                 for row, part in _tile_slices(view, step.target):
-                    window.append(pool.submit(make_tile, part, step.target, row, bool(ranges)))
+                    submit(make_tile, part, step.target, row, bool(ranges))
                     del part  # only the future holds the slice, so the group dies with its tiles
                     yield from ready()
                 del view
@@ -462,7 +480,10 @@ def _tile_slices(view: Rows, target: TensorSpec) -> Iterator[tuple[int, Rows]]:
     # call time: tests shrink TILE_BYTES.
     itemsize = max(view.dtype.itemsize, dtypes.itemsize(target.dtype))
     row_bytes = max(1, (view.size // view.shape[0]) * itemsize)
-    rows = max(1, transform.TILE_BYTES // row_bytes)
+    # As many tiles as TILE_BYTES asks for, of equal rows: a 23 MB weight is two 11.5 MB
+    # tiles, not 16 + 7 MB, so the two workers finish together.
+    count = -(-view.shape[0] * row_bytes // transform.TILE_BYTES)
+    rows = max(1, -(-view.shape[0] // count))
     for r0 in range(0, view.shape[0], rows):
         yield r0, view[r0 : r0 + rows]
 

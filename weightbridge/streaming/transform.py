@@ -17,7 +17,7 @@ import numpy as np
 
 from weightbridge import dtypes
 from weightbridge._blockscale import BlockScaledView
-from weightbridge.ops import Cast, Dequantize, Op, Reshape
+from weightbridge.ops import Cast, Dequantize, Op, Permute, Reshape
 from weightbridge.spec import TensorSpec
 
 _transpose: Any
@@ -84,6 +84,21 @@ def lazy_dequantize(ops: Sequence[Op]) -> bool:
     return (
         bool(ops) and isinstance(ops[0], Dequantize) and all(isinstance(op, Cast) for op in ops[1:])
     )
+
+
+def may_copy(ops: Sequence[Op], sources: int) -> bool:
+    """Whether `source_view` may copy the sources into a new array (not a view): concat or
+    stack of several sources, a reshape after a permute, a dequantize other ops follow."""
+    if sources > 1 and not lazy_dequantize(ops):
+        return True
+    permuted = False
+    for op in ops:
+        if isinstance(op, Dequantize) and not lazy_dequantize(ops):
+            return True
+        permuted = permuted or isinstance(op, Permute)
+        if permuted and isinstance(op, Reshape):
+            return True
+    return False
 
 
 def _reshape(a: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
