@@ -239,8 +239,9 @@ def _place_all(
 ) -> None:
     for item in items:
         if isinstance(item, Release):
-            _release(reader, item.step, readahead)
+            # Unmap first: the read-ahead's drop-behind cannot evict pages still mapped here.
             raw.release(step_ranges(reader, item.step))
+            _release(reader, item.step, readahead)
         elif isinstance(item, Placed):
             checksum.combine(item.crc, item.nbytes)
             writer.placed_through(checksum.size)  # items arrive in file order
@@ -271,10 +272,12 @@ def hash_array(h: Checksum, a: np.ndarray) -> None:
 
 
 def hash_shard(reader: Reader, shard: Shard) -> str:
-    """The checksum `fill_shard` returns, recomputed by reading the shard back through `reader`."""
+    """The checksum `fill_shard` returns, recomputed by reading the shard back through `reader`
+    (the bytes stored where its writer stores others than the tensor's: a quantized GGUF)."""
     h = Checksum()
+    read = getattr(reader, "stored_bytes", reader.read)
     for step in shard.steps:
-        hash_array(h, reader.read(step.target.name))
+        hash_array(h, read(step.target.name))
         reader.release(step.target.name)
     return h.hexdigest()
 
@@ -303,16 +306,20 @@ def _fill_in_order(
         try:
             while (item := items.get()) is not None:
                 if isinstance(item, Tile):
-                    writer.write(item.name, item.data, item.row)
-                    sums.put(item.data)
+                    stored = writer.write(item.name, item.data, item.row)
+                    sums.put(item.data if stored is None else stored)
                     if on_bytes:
                         on_bytes(item.data.nbytes)
                 elif isinstance(item, ByteCopy):
                     target = item.step.target
+                    stored = None
                     if not writer.copy_from(target.name, item.source):
                         for row, tile in tiles(item.view.reshape(target.shape), target):
-                            writer.write(target.name, tile, row)
-                    sums.put(item.view)
+                            stored = writer.write(target.name, tile, row)
+                            if stored is not None:  # other bytes than the tile's (quantized)
+                                sums.put(stored)
+                    if stored is None:
+                        sums.put(item.view)
                     if on_bytes:
                         on_bytes(target.nbytes)
                 elif isinstance(item, Release):

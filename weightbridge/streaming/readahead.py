@@ -14,7 +14,8 @@ pressure), and it is a fraction of the memory available, so warming never evicts
 before the transforms get to it.
 
 Behind the transforms it drops each source range from the page cache once its last use is done
-(``fadvise(DONTNEED)``), as ``dd iflag=nocache`` does. A multi-gigabyte conversion then does not
+(``fadvise(DONTNEED)``, on this thread: on the caller's it held up the next jobs' submission),
+as ``dd iflag=nocache`` does. A multi-gigabyte conversion then does not
 push everything else out of the cache. It is also faster: the pages freed are the ones the
 output's pages are allocated from next, already in the CPU caches and, in a VM, already backed
 by the host. Measured on the 2-core test VM (4 GB, interleaved runs): the same conversion without
@@ -70,6 +71,8 @@ class Readahead:
         self._uses = Counter(_key(r) for r in self._ranges)
         self._drop_behind = drop_behind and hasattr(os, "posix_fadvise")
         self._consumed = 0
+        self._to_drop: list[ByteRange] = []  # dropped by the thread, off the caller's path
+        self._dropping = 0  # ranges taken off `_to_drop` and not yet dropped
         self._stop = False
         self._cond = threading.Condition()
         self._thread = threading.Thread(
@@ -90,16 +93,25 @@ class Readahead:
                     del self._uses[key]
                     last.append(r)
             self._consumed += nbytes
-            self._cond.notify()
-        if self._drop_behind:
-            for r in last:
-                _drop(r)
+            if self._drop_behind:
+                self._to_drop.extend(last)
+            self._cond.notify_all()
+
+    def settle(self) -> None:
+        """Wait until every range consumed so far has been dropped (or the thread ended)."""
+        with self._cond:
+            while (self._to_drop or self._dropping) and self._thread.is_alive():
+                self._cond.wait(0.1)
 
     def close(self) -> None:
+        """Stop the thread; drop what it had not dropped yet."""
         with self._cond:
             self._stop = True
-            self._cond.notify()
+            self._cond.notify_all()
         self._thread.join()
+        drops, self._to_drop = self._to_drop, []
+        for r in drops:
+            _drop(r)
 
     def __enter__(self) -> Readahead:
         return self
@@ -107,12 +119,29 @@ class Readahead:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _wait_for_room(self, ahead: int) -> bool:
-        """Block until the reads are less than the budget ahead; False when closed."""
-        with self._cond:
-            while not self._stop and ahead - self._consumed >= self._budget:
-                self._cond.wait()
-            return not self._stop
+    def _wait_for_room(self, ahead: int | None) -> bool:
+        """Block until the reads are less than the budget ahead (`ahead` None: all are done,
+        only drops are left), dropping what the transforms are done with meanwhile; False
+        when closed."""
+        while True:
+            with self._cond:
+                while (
+                    not self._stop
+                    and not self._to_drop
+                    and (ahead is None or ahead - self._consumed >= self._budget)
+                ):
+                    self._cond.wait()
+                if self._stop:
+                    return False
+                drops, self._to_drop = self._to_drop, []
+                self._dropping = len(drops)
+            if not drops:
+                return True
+            for r in drops:  # the syscalls run outside the lock
+                _drop(r)
+            with self._cond:
+                self._dropping = 0
+                self._cond.notify_all()
 
     def _run(self) -> None:
         try:
@@ -145,6 +174,8 @@ class Readahead:
                         sent = n
                     offset += sent
                     ahead += sent
+            while self._wait_for_room(None):  # everything is read ahead: drops only
+                pass
         except OSError:  # advice only: the transforms will read (and report) for themselves
             return
         finally:
