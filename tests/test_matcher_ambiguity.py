@@ -495,3 +495,35 @@ def test_ten_thousand_tensors_renamed_and_transposed_in_reasonable_time() -> Non
     elapsed = time.perf_counter() - start
     assert sources_of(plan) == truth
     assert elapsed < 20, f"planning 10k tensors took {elapsed:.1f} s"
+
+
+def test_siblings_told_apart_by_a_role_word_inside_their_name_pair_by_it() -> None:
+    """Megatron's ``layer_norm_weight`` and ``layer_norm_bias`` (same shape, no ``.weight``
+    leaf to read a role from) were refused even against themselves; the role word inside a
+    compound name is evidence. Shuffled order changes nothing; words that differ still refuse."""
+    import random
+
+    from weightbridge.spec import CheckpointSpec, TensorSpec
+
+    names = [
+        "decoder.layers.self_attention.linear_qkv.layer_norm_weight",
+        "decoder.layers.self_attention.linear_qkv.layer_norm_bias",
+        "decoder.layers.mlp.linear_fc1.layer_norm_weight",
+        "decoder.layers.mlp.linear_fc1.layer_norm_bias",
+        "decoder.final_layernorm.weight",
+        "decoder.final_layernorm.bias",
+    ]
+    specs = [TensorSpec(n, (2, 64), "F32") for n in names]
+    shuffled = list(specs)
+    random.Random(0).shuffle(shuffled)
+    plan = api.plan(CheckpointSpec.of(shuffled), CheckpointSpec.of(specs))
+    assert {s.target.name: s.sources for s in plan.steps} == {n: (n,) for n in names}
+    short = {"layer_norm_weight": "ln_w", "layer_norm_bias": "ln_b"}
+    opaque = []
+    for spec in specs:
+        name = spec.name
+        for long, abbrev in short.items():
+            name = name.replace(long, abbrev)
+        opaque.append(TensorSpec(name, spec.shape, "F32"))
+    with pytest.raises(MatchError):
+        api.plan(CheckpointSpec.of(opaque), CheckpointSpec.of(specs))

@@ -15,6 +15,7 @@ from weightbridge.planning.names import (
     index_like_keys,
     index_order,
     keys_index_like,
+    last_tokens,
     own_words_under,
     tokens,
 )
@@ -69,11 +70,20 @@ def own_words(nodes: list[Node]) -> list[frozenset[str]]:
     paths = [n.path for n in nodes]
     head, lasts = common_head(paths)
     if head is None:
-        return list(distinct_words(tuple(tokens(p) for p in paths)))
+        return list(distinct_words(tuple(_path_words(p) for p in paths)))
     # Siblings under one head: a path's tokens are its head's and its last component's, so
     # the answer follows from the head's words and the last components, which are the same
     # for every expert of every layer (cached).
     return list(own_words_under(head_tokens(head), lasts))
+
+
+def _path_words(path: str) -> frozenset[str]:
+    """`tokens` of a path, its last component's by `last_tokens`."""
+    if ":0" in path:
+        return tokens(path)
+    cut = max(path.rfind("."), path.rfind("/"), path.rfind("~"))
+    head = tokens(path[:cut]) if cut > 0 else frozenset()
+    return head | last_tokens(path[cut + 1 :])
 
 
 def similarity(s: Node, t: Node) -> float:

@@ -214,7 +214,24 @@ def common_head(paths: list[str]) -> tuple[str | None, tuple[str, ...]]:
 def own_words_under(
     head_words: frozenset[str], lasts: tuple[str, ...]
 ) -> tuple[frozenset[str], ...]:
-    return distinct_words(tuple(head_words | part_tokens(last) for last in lasts))
+    return distinct_words(tuple(head_words | last_tokens(last) for last in lasts))
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def last_tokens(part: str) -> frozenset[str]:
+    """`part_tokens` of a name's last component, where a role word inside a compound one
+    (Megatron's ``layer_norm_weight`` beside ``layer_norm_bias``) stays a distinguishing word
+    (``%weight``). Role words are left out of the words that tell siblings apart because the
+    leaf's role says the same (`layouts.leaf_role`), but a role is only read from a whole
+    leaf (``weight``, ``bias``): without this, such siblings had no words to tell them apart.
+
+    >>> sorted(last_tokens("layer_norm_bias")), sorted(last_tokens("bias"))
+    (['%bias', 'layer', 'norm'], ['bias'])
+    """
+    words = part_tokens(part)
+    if len(words) < 2:
+        return words
+    return frozenset(f"%{w}" if w in ROLE_WORDS else w for w in words)
 
 
 def distinct_words(words: tuple[frozenset[str], ...]) -> tuple[frozenset[str], ...]:
