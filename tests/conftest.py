@@ -33,6 +33,8 @@ _FRAMEWORK_MODULES = {
     "dask": "distributed",
     # DeepSpeed: writes the ZeRO checkpoints (and zero_to_fp32's output) the reader must equal.
     "deepspeed": "deepspeed",
+    # megatron-core: writes the torch_dist checkpoints (and loads them: the oracle).
+    "megatron": "megatron.core",
 }
 
 
@@ -66,6 +68,7 @@ def pytest_configure(config: pytest.Config) -> None:
         ("gguf", "gguf"),
         ("dask", "dask[distributed]"),
         ("deepspeed", "deepspeed"),
+        ("megatron", "megatron-core"),
     ):
         config.addinivalue_line(
             "markers",

@@ -216,7 +216,12 @@ def _f32_model(path: Path) -> dict[str, np.ndarray]:
     return arrays
 
 
-def test_split_set_equals_gguf_py_split_writer_byte_for_byte(tmp_path: Path) -> None:
+@pytest.mark.parametrize("dtype", [None, "q8_0"])
+def test_split_set_equals_gguf_py_split_writer_byte_for_byte(
+    tmp_path: Path, dtype: str | None
+) -> None:
+    """Q8_0 too: splits are sized by the bytes stored (the quantized tensors), as gguf-py's
+    ``split_max_size`` counts them, so they fill the limit rather than about half of it."""
     src = _f32_model(tmp_path / "src.safetensors")
     _vocab_only(tmp_path / "vocab.gguf")
     out = tmp_path / "out"
@@ -224,11 +229,12 @@ def test_split_set_equals_gguf_py_split_writer_byte_for_byte(tmp_path: Path) -> 
         str(tmp_path / "src.safetensors"),
         str(out),
         format="gguf",
+        dtype=dtype,
         max_shard_size=20_000,
         gguf_metadata=str(tmp_path / "vocab.gguf"),
     )
     n = len(report.shards)
-    assert n >= 3
+    assert n >= 3 if dtype is None else n == 2  # 160 KB of F32, 42.5 KB of Q8_0
     assert report.shards == [f"model-{i:05d}-of-{n:05d}.gguf" for i in range(1, n + 1)]
     # gguf-py writes the same tensors, in the same order, with the same key-values.
     with wio.open_reader(str(out)) as r:
@@ -238,9 +244,14 @@ def test_split_set_equals_gguf_py_split_writer_byte_for_byte(tmp_path: Path) -> 
     w = gguf.GGUFWriter(str(ref / "model.gguf"), arch=None, split_max_size=20_000)  # type: ignore[arg-type]
     with gg.open_reader(str(tmp_path / "vocab.gguf")) as v:
         for kv in v.key_values().values():
+            if dtype is not None and kv.key == "general.file_type":  # ours: MOSTLY_Q8_0
+                kv = gg.KeyValue(kv.key, kv.type, int(gguf.LlamaFileType.MOSTLY_Q8_0))
             _add_field(w, kv)
     for name in order:
-        w.add_tensor(name, src[name])
+        if dtype is None:
+            w.add_tensor(name, src[name])
+        else:
+            w.add_tensor(name, gguf.quants.quantize(src[name], G.Q8_0), raw_dtype=G.Q8_0)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -344,12 +355,29 @@ def test_split_set_resumes_byte_identical_and_is_complete_only_at_the_end(
     assert whole.shards[-1] in again.written
     for name in [*whole.shards, "model.gguf.index.json"]:
         assert (out / name).read_bytes() == (tmp_path / "whole" / name).read_bytes(), name
-    if dtype is None:
-        assert again.written == [whole.shards[-1]]
-        assert api.convert(src, str(out), **options).written == []  # finished: nothing to do
-    # (A quantized split cannot be re-checked by reading it back: the journal's checksum is of
-    # the tensors before quantization. A rerun of a finished conversion, which checks the
-    # shards the journal lists that way, writes those shards again, to the same bytes.)
+    assert again.written == [whole.shards[-1]]
+    assert api.convert(src, str(out), **options).written == []  # finished: nothing to do
+    # The journal's checksum is of the bytes stored (Q8_0 blocks, not the tensors before
+    # quantization): shards whose stamps changed (touched, copied) are re-checked by reading
+    # them back, and kept.
+    for name in whole.shards:
+        os.utime(out / name, ns=(1_000_000_000, 1_000_000_000))
+    rerun = api.convert(src, str(out), **options)
+    assert rerun.written == [] and sorted(rerun.skipped) == sorted(whole.shards)
+    # ... and one damaged in a tensor's data (a Q8_0 tensor's, with q8_0) is written again.
+    victim, offset = next(
+        (name, int(t.data_offset))
+        for name in whole.shards
+        for t in gguf.GGUFReader(str(out / name)).tensors
+        if dtype is None or t.tensor_type == G.Q8_0
+    )
+    data = bytearray((out / victim).read_bytes())
+    data[offset + 5] ^= 0xFF
+    (out / victim).write_bytes(bytes(data))
+    os.utime(out / victim, ns=(1_000_000_000, 1_000_000_000))
+    assert api.convert(src, str(out), **options).written == [victim]
+    for name in [*whole.shards, "model.gguf.index.json"]:
+        assert (out / name).read_bytes() == (tmp_path / "whole" / name).read_bytes(), name
 
 
 def test_cli_quantizes_copies_key_values_and_splits(
@@ -441,7 +469,7 @@ def test_quantizing_splits_stay_within_largest_tensor_plus_256mb(tmp_path: Path)
         import weightbridge.api
         for k in range(2):
             r = weightbridge.api.convert(f"{sys.argv[1]}/part{k}.safetensors", f"{sys.argv[2]}/{k}",
-                                         format="gguf", dtype="q8_0", max_shard_size="150MB")
+                                         format="gguf", dtype="q8_0", max_shard_size="80MB")
             print(r.summary())
         """
     )

@@ -10,6 +10,7 @@ must end in a named error, never a hang (the generous timeouts only catch hangs)
 
 from __future__ import annotations
 
+import contextlib
 import email.utils
 import http.server
 import json
@@ -17,6 +18,7 @@ import os
 import socket
 import subprocess
 import sys
+import textwrap
 import threading
 import zipfile
 from collections.abc import Iterator
@@ -27,10 +29,12 @@ import ml_dtypes
 import numpy as np
 import pytest
 from helpers import moto_s3
+from test_io_dcp import two_rank_checkpoint  # noqa: F401  (a fixture: DCP saved by two ranks)
+from test_io_tfcheckpoint import write_bundle
 
 from weightbridge import api
 from weightbridge.errors import FormatError, UnknownFormatError
-from weightbridge.io import _remote, detect_format, open_reader, write_checkpoint
+from weightbridge.io import _remote, dcp, detect_format, open_reader, write_checkpoint
 from weightbridge.io._kvstore import ENDPOINT_ENV
 from weightbridge.io._obstore import StoreUnreachable
 
@@ -209,9 +213,12 @@ WRITERS = {
 }
 
 
-def _roundtrip(s3: tuple[str, Any], tmp_path: Path, local: Path, prefix: str) -> None:
+def _roundtrip(
+    s3: tuple[str, Any], tmp_path: Path, local: Path, prefix: str
+) -> dict[str, tuple[int, int]]:
     """Inspect, plan, convert and verify `local` from S3; compare with the local conversion
-    and count the bytes fetched in each phase."""
+    and count the bytes fetched in each phase. Returns what the conversion fetched: object
+    URL -> (requests, bytes)."""
     endpoint, client = s3
     url = _upload(client, local, prefix)
     stored = _stored_bytes(client, url)
@@ -235,14 +242,21 @@ def _roundtrip(s3: tuple[str, Any], tmp_path: Path, local: Path, prefix: str) ->
     out_local, out_remote = tmp_path / "out-local", tmp_path / "out-remote"
     api.convert(str(local), str(out_local))
     _, before = _fetched(url)
+    stats_before = _remote.fetch_stats()
     api.convert(url, str(out_remote), endpoint=endpoint)
     _, after = _fetched(url)
+    converting = {
+        u: (n - stats_before.get(u, (0, 0))[0], b - stats_before.get(u, (0, 0))[1])
+        for u, (n, b) in _remote.fetch_stats().items()
+        if u.startswith(url)
+    }
     assert _outputs(out_remote) == _outputs(out_local)
     tensors = remote_spec.nbytes
     # Each tensor's bytes once, plus headers: not the whole file several times.
     assert tensors <= after - before <= tensors + headers + (256 << 10), (after - before, tensors)
 
     assert api.verify(url, str(out_remote), endpoint=endpoint) == len(remote_spec)
+    return converting
 
 
 @pytest.mark.parametrize("kind", sorted(WRITERS))
@@ -264,6 +278,184 @@ def test_torch_save_from_s3(s3: tuple[str, Any], tmp_path: Path) -> None:
     local = tmp_path / "pytorch_model.bin"
     torch.save(state, local)
     _roundtrip(s3, tmp_path, local, "formats/torch.save/pytorch_model.bin")
+
+
+# -- distributed checkpoints: DCP directories and DeepSpeed ZeRO runs, read as prefixes ---------
+
+
+def _write_dcp(local: Path) -> Path:
+    """A `torch.distributed.checkpoint.save` of one process: MiB tensors, a view, a non-tensor."""
+    import torch
+    import torch.distributed.checkpoint as tdcp
+
+    arrays = {k: v for k, v in _arrays().items() if v.dtype != ml_dtypes.bfloat16}
+    model: dict[str, Any] = {k: torch.from_numpy(v.copy()) for k, v in arrays.items()}
+    g = torch.Generator().manual_seed(3)
+    model["bf16.weight"] = torch.randn(512, 256, generator=g).to(torch.bfloat16)
+    model["rows.weight"] = torch.randn(1024, 256, generator=g)[100:700]  # a view of a storage
+    with pytest.warns(UserWarning, match="single process"):
+        tdcp.save({"model": model, "step": 7}, checkpoint_id=str(local))
+    return local
+
+
+@pytest.mark.torch
+def test_dcp_from_s3(s3: tuple[str, Any], tmp_path: Path) -> None:
+    """A `torch.distributed.checkpoint.save` directory: `.metadata` fetched whole for the
+    specs, each chunk's `torch.save` blob parsed from its two ends, then its tensor's bytes."""
+    local = _write_dcp(tmp_path / "src" / "ck")
+    converting = _roundtrip(s3, tmp_path, local, "formats/dcp/ck")
+    url = f"s3://{BUCKET}/formats/dcp/ck"
+    assert converting[f"{url}/.metadata"] == (1, (local / ".metadata").stat().st_size)  # whole
+    blobs = sum(b for u, (_, b) in converting.items() if u.endswith(".distcp"))
+    spec = api.inspect(str(local))
+    # Each tensor's bytes, and its blob's two ends (the zip headers and pickle around them).
+    assert spec.nbytes <= blobs <= spec.nbytes + len(spec) * 2 * dcp._BLOB_END_BYTES
+
+
+@pytest.mark.torch
+def test_dcp_two_ranks_from_s3(
+    s3: tuple[str, Any],
+    tmp_path: Path,
+    two_rank_checkpoint: Path,  # noqa: F811  (the fixture imported from test_io_dcp)
+) -> None:
+    """Tensors sharded over two ranks' `.distcp` files are assembled from both objects."""
+    endpoint, client = s3
+    local = two_rank_checkpoint / "ck"
+    url = _upload(client, local, "formats/dcp2/ck")
+    with _remote.remote_options(endpoint=endpoint):
+        assert detect_format(url) == "dcp"
+        with open_reader(url) as reader:
+            chunks = reader.chunks("layers.0.uneven")
+            assert {c.file for c in chunks} == {f"{url}/__0_0.distcp", f"{url}/__1_0.distcp"}
+            assert reader.files() == [f"{url}/.metadata", *sorted(c.file for c in chunks)]
+    assert api.inspect(url, endpoint=endpoint) == api.inspect(str(local))
+    api.convert(str(local), str(tmp_path / "out-local"))
+    api.convert(url, str(tmp_path / "out-remote"), endpoint=endpoint)
+    assert _outputs(tmp_path / "out-remote") == _outputs(tmp_path / "out-local")
+    assert api.verify(url, str(tmp_path / "out-remote"), endpoint=endpoint) > 0
+
+    # One rank's file left behind: the reader names it before reading anything.
+    for name in (".metadata", "__0_0.distcp"):
+        client.upload_file(str(local / name), BUCKET, f"formats/dcp2-partial/ck/{name}")
+    partial = f"s3://{BUCKET}/formats/dcp2-partial/ck"
+    with pytest.raises(FormatError, match=r"__1_0\.distcp: cannot read it .*\.metadata places"):
+        api.inspect(partial, endpoint=endpoint)
+
+
+# DeepSpeed writes two ZeRO runs of a model big enough that headers are a small part of each
+# file: two gloo ranks on the CPU, one AdamW step, then `save_checkpoint`. Odd widths make
+# parameters straddle the ranks' partitions (stage 2) and pad them (stage 3).
+_ZERO_WRITE = textwrap.dedent(
+    """
+    import os, socket, sys
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import torch
+    import torch.multiprocessing as mp
+
+    def run(rank, world, port, out):
+        import deepspeed
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                          WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_SIZE=str(world))
+        deepspeed.init_distributed(dist_backend="gloo")
+        for name, stage, bf16 in (("s2_bf16", 2, True), ("s3_fp32", 3, False)):
+            torch.manual_seed(0)
+            model = torch.nn.Sequential(torch.nn.Linear(512, 1001), torch.nn.Linear(1001, 511))
+            config = {
+                "train_batch_size": 2 * world,
+                "zero_optimization": {"stage": stage},
+                "optimizer": {"type": "AdamW", "params": {"lr": 1e-2, "torch_adam": True}},
+                "bf16": {"enabled": bf16},
+            }
+            engine, *_ = deepspeed.initialize(
+                model=model, model_parameters=list(model.parameters()), config=config
+            )
+            x = torch.randn(2, 512, dtype=torch.bfloat16 if bf16 else torch.float32)
+            engine.backward(engine(x).float().sum())
+            engine.step()
+            engine.save_checkpoint(os.path.join(out, name))
+            torch.distributed.barrier()
+
+    if __name__ == "__main__":
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        mp.spawn(run, args=(2, port, sys.argv[1]), nprocs=2)
+    """
+)
+# Two ranks import torch and DeepSpeed on a loaded 2-core machine; only catches a hang.
+_ZERO_TIMEOUT_S = 900
+
+
+@pytest.fixture(scope="module")
+def zero_runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    pytest.importorskip("deepspeed")
+    out = tmp_path_factory.mktemp("zero-remote")
+    script = out / "write.py"
+    script.write_text(_ZERO_WRITE)
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONWARNINGS": "ignore"}
+    done = subprocess.run(
+        [sys.executable, str(script), str(out)],
+        capture_output=True,
+        text=True,
+        timeout=_ZERO_TIMEOUT_S,
+        env=env,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+    return out
+
+
+@pytest.mark.deepspeed
+@pytest.mark.parametrize("run", ["s2_bf16", "s3_fp32"])
+def test_zero_from_s3(s3: tuple[str, Any], tmp_path: Path, zero_runs: Path, run: str) -> None:
+    """A DeepSpeed run directory as a prefix: `latest` and the listing find the tag, the
+    pickles give the specs, and converting fetches of each rank's optimizer states only the
+    fp32 ranges of the parameters, never the optimizer's moments beside them."""
+    local = zero_runs / run
+    converting = _roundtrip(s3, tmp_path, local, f"formats/zero/{run}")
+    optim = sorted(local.rglob("*_optim_states.pt"))
+    stored = sum(p.stat().st_size for p in optim)
+    fetched = sum(b for u, (_, b) in converting.items() if u.endswith("_optim_states.pt"))
+    weights = api.inspect(str(local)).nbytes  # fp32 master weights, from these files
+    headers = len(optim) * (_remote.FIRST_BLOCK + 4 * _remote.WINDOW)
+    assert weights <= fetched <= weights + headers, (fetched, weights, stored)
+    assert fetched < stored / 2, (fetched, stored)  # AdamW's two moments: 2/3 of the bytes
+
+
+# -- TensorFlow checkpoints: an `.index` table and its `.data-*` shards under a prefix ----------
+
+TF_FIXTURES = Path(__file__).parent / "fixtures" / "tf"
+
+
+@pytest.mark.parametrize("fixture", ["keras", "saver", "sharded"])
+def test_tf_checkpoint_written_by_tensorflow_from_s3(
+    s3: tuple[str, Any], tmp_path: Path, fixture: str
+) -> None:
+    """What TensorFlow wrote (a `checkpoint` state file, three data shards), read as a prefix."""
+    endpoint, client = s3
+    local = TF_FIXTURES / fixture
+    url = _upload(client, local, f"formats/tf-{fixture}")
+    with _remote.remote_options(endpoint=endpoint):
+        assert detect_format(url) == "tfcheckpoint"
+        with open_reader(url) as reader:  # what a resume checks: the index and every shard
+            bundle = [f"{url}/{p.name}" for p in local.iterdir() if p.name != "checkpoint"]
+            assert sorted(reader.files()) == sorted(bundle)
+    assert api.inspect(url, endpoint=endpoint) == api.inspect(str(local))
+    api.convert(str(local), str(tmp_path / "out-local"))
+    api.convert(url, str(tmp_path / "out-remote"), endpoint=endpoint)
+    assert _outputs(tmp_path / "out-remote") == _outputs(tmp_path / "out-local")
+    assert api.verify(url, str(tmp_path / "out-remote"), endpoint=endpoint) > 0
+
+
+def test_tf_checkpoint_from_s3(s3: tuple[str, Any], tmp_path: Path) -> None:
+    """A bundle of MiB tensors: the `.index` fetched whole for planning, each tensor's range of
+    the data shard once for the conversion."""
+    tf_dtypes = {"float32": 1, "int32": 3, "bfloat16": 14, "float16": 19}  # TF's DataType enum
+    tensors = {
+        name: (tf_dtypes[a.dtype.name], a.shape, a.tobytes()) for name, a in _arrays().items()
+    }
+    local = tmp_path / "src" / "tf"
+    write_bundle(str(local / "ckpt-1"), tensors)
+    _roundtrip(s3, tmp_path, local, "formats/tf/ckpt")
 
 
 def test_zarr_still_read_through_tensorstore(s3: tuple[str, Any], tmp_path: Path) -> None:
@@ -373,15 +565,26 @@ class _RangeServer(http.server.BaseHTTPRequestHandler):
         pass
 
 
-def test_https_source(tmp_path: Path) -> None:
-    """A file served over http(s) is read by ranged GETs too: no listing, no credentials."""
-    local = _write_safetensors(tmp_path, _arrays())
-    handler = type("Handler", (_RangeServer,), {"root": tmp_path})
+@contextlib.contextmanager
+def _serving(root: Path) -> Iterator[str]:
+    """`_RangeServer` serving the files under `root` on 127.0.0.1; yields its base URL."""
+    handler = type("Handler", (_RangeServer,), {"root": root})
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
-        url = f"http://127.0.0.1:{server.server_address[1]}/model.safetensors"
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=CHILD_TIMEOUT)
+
+
+def test_https_source(tmp_path: Path) -> None:
+    """A file served over http(s) is read by ranged GETs too: no listing, no credentials."""
+    local = _write_safetensors(tmp_path, _arrays())
+    with _serving(tmp_path) as base:
+        url = f"{base}/model.safetensors"
         assert detect_format(url) == "safetensors"
         _, before = _fetched(url)
         assert api.inspect(url) == api.inspect(str(local))
@@ -389,10 +592,30 @@ def test_https_source(tmp_path: Path) -> None:
         assert after - before < local.stat().st_size / 10
         api.convert(url, str(tmp_path / "out"))
         assert api.verify(str(local), str(tmp_path / "out")) == len(_arrays())
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=CHILD_TIMEOUT)
+
+
+def test_https_tf_checkpoint_by_its_index(tmp_path: Path) -> None:
+    """Over plain HTTP nothing can be listed, but a TF checkpoint's `.index` names its data
+    shards: the three shards TensorFlow wrote are found beside it."""
+    local = TF_FIXTURES / "sharded"
+    with _serving(local) as base:
+        url = f"{base}/ckpt.index"
+        assert detect_format(url) == "tfcheckpoint"
+        assert api.inspect(url) == api.inspect(str(local))
+        api.convert(url, str(tmp_path / "out"))
+        assert api.verify(str(local), str(tmp_path / "out")) == len(api.inspect(str(local)))
+
+
+@pytest.mark.torch
+def test_https_dcp_by_its_metadata(tmp_path: Path) -> None:
+    """Over plain HTTP, a DCP checkpoint is named by its `.metadata`, which names its files."""
+    local = _write_dcp(tmp_path / "ck")
+    with _serving(local) as base:
+        url = f"{base}/.metadata"
+        assert detect_format(url) == "dcp"
+        assert api.inspect(url) == api.inspect(str(local))
+        api.convert(url, str(tmp_path / "out"))
+        assert api.verify(str(local), str(tmp_path / "out")) == len(api.inspect(str(local)))
 
 
 def test_cli_inspect_plan_convert_verify(s3: tuple[str, Any], tmp_path: Path) -> None:

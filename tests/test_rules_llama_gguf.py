@@ -5,9 +5,10 @@ permutation formula (written out here from ``convert_hf_to_gguf.py``'s ``LlamaMo
 for the bytes, and transformers, which loads a GGUF (reversing that permutation) and must give
 the original model's logits.
 
-The GGUF key-values transformers needs (``general.architecture``, ``llama.*``) are not tensors:
-until ``--gguf-metadata FILE`` copies them from a GGUF, these tests write them by re-writing our
-tensors, unchanged, with gguf-py's ``GGUFWriter``.
+The GGUF key-values transformers needs (``general.architecture``, ``llama.*``, the tokenizer)
+are not tensors: as a user would, the tests write them in a tensor-less GGUF (what
+``convert_hf_to_gguf.py --vocab-only`` writes; here with gguf-py's ``GGUFWriter``) and pass it
+with ``--gguf-metadata``, so the command line writes the loadable model GGUF directly.
 """
 
 from __future__ import annotations
@@ -105,10 +106,12 @@ def _permute(w: np.ndarray, n_head: int, n_head_kv: int | None) -> np.ndarray:
 
 
 def _with_llama_metadata(tensors: dict[str, np.ndarray], config: Any, path: Path) -> None:
-    """A GGUF of `tensors` (unchanged) with the key-values transformers reads for LLaMA."""
+    """A GGUF of `tensors` (unchanged) with the key-values transformers reads for LLaMA and a
+    small tokenizer; without tensors, the vocab-only GGUF ``--gguf-metadata`` takes."""
     import gguf
 
     w = gguf.GGUFWriter(path, "llama")
+    w.add_name("tiny-llama")
     w.add_block_count(config.num_hidden_layers)
     w.add_context_length(config.max_position_embeddings)
     w.add_embedding_length(config.hidden_size)
@@ -119,6 +122,13 @@ def _with_llama_metadata(tensors: dict[str, np.ndarray], config: Any, path: Path
     w.add_rope_freq_base(config.rope_theta)
     w.add_rope_dimension_count(config.hidden_size // config.num_attention_heads)
     w.add_vocab_size(config.vocab_size)
+    # A SentencePiece-style vocabulary, as convert_hf_to_gguf.py --vocab-only writes one.
+    w.add_tokenizer_model("llama")
+    w.add_token_list(["<unk>", "<s>", "</s>", *(f"t{i}" for i in range(3, config.vocab_size))])
+    w.add_token_scores([0.0] * config.vocab_size)
+    w.add_token_types([2, 3, 3, *([1] * (config.vocab_size - 3))])
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
     for name, array in tensors.items():
         w.add_tensor(name, array)
     w.write_header_to_file()
@@ -202,16 +212,29 @@ def test_every_name_is_gguf_pys_llama_name_for_its_source(tmp_path: Path, case: 
 
 @pytest.mark.parametrize("case", sorted(CONFIGS))
 def test_transformers_loads_our_gguf_and_gives_the_same_logits(tmp_path: Path, case: str) -> None:
-    """(b) The functional oracle: convert on the command line (head counts from config.json),
-    load the GGUF with transformers (which undoes llama.cpp's permutation), compare logits.
-    The permuted tensors also equal llama.cpp's formula bit for bit, and a GGUF without the
-    permutation gives other logits (the oracle sees it)."""
+    """(b) The functional oracle, as a user runs it: a vocab-only GGUF (key-values, no tensors)
+    passed with --gguf-metadata, the command line converts (head counts from config.json) to
+    the model's GGUF, transformers loads it (undoing llama.cpp's permutation) and gives the
+    original model's logits. The permuted tensors also equal llama.cpp's formula bit for bit,
+    and a GGUF without the permutation gives other logits (the oracle sees it)."""
     pytest.importorskip("accelerate")  # transformers loads a GGUF only with it
+    import gguf
+
     folder = tmp_path / "hf"
     model = _llama(folder, **CONFIGS[case])
     cfg = model.config
-    _cli("convert", str(folder), "-o", str(tmp_path / "out"), "--rules", RULES, "--format", "gguf")
-    ours = _gguf_tensors(tmp_path / "out" / "model.gguf")
+    vocab = tmp_path / "vocab.gguf"
+    _with_llama_metadata({}, cfg, vocab)
+    out = tmp_path / "out"
+    _cli("convert", str(folder), "-o", str(out), "--rules", RULES, "--format", "gguf",
+         "--gguf-metadata", str(vocab))  # fmt: skip
+    gguf_path = out / "model.gguf"
+    ours = _gguf_tensors(gguf_path)
+    reader = gguf.GGUFReader(gguf_path)
+    copied = gguf.GGUFReader(vocab).fields
+    for key in ("general.architecture", "llama.attention.head_count_kv", "tokenizer.ggml.tokens"):
+        assert key in reader.fields and key in copied
+    assert reader.fields["llama.attention.head_count_kv"].contents() == cfg.num_key_value_heads
 
     hf = {k: v.numpy() for k, v in model.state_dict().items()}
     for b in range(cfg.num_hidden_layers):
@@ -224,9 +247,6 @@ def test_transformers_loads_our_gguf_and_gives_the_same_logits(tmp_path: Path, c
             np.testing.assert_array_equal(ours[f"blk.{b}.attn_k.{suffix}"], want_k)
             assert not np.array_equal(want_q, q)
 
-    gguf_path = tmp_path / "loadable" / "model.gguf"
-    gguf_path.parent.mkdir()
-    _with_llama_metadata(ours, cfg, gguf_path)
     want = _logits(model, cfg.vocab_size)
     got = _logits(_load_gguf(gguf_path, cfg), cfg.vocab_size)
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-4)
@@ -241,6 +261,60 @@ def test_transformers_loads_our_gguf_and_gives_the_same_logits(tmp_path: Path, c
     _with_llama_metadata(plain, cfg, control)
     wrong = _logits(_load_gguf(control, cfg), cfg.vocab_size)
     assert np.abs(wrong - want).max() > 1e-2
+
+
+@pytest.mark.parametrize("case", sorted(CONFIGS))
+def test_a_q8_0_gguf_loads_in_transformers_as_gguf_pys_own_quantization(
+    tmp_path: Path, case: str
+) -> None:
+    """``--dtype q8_0 --gguf-metadata``: transformers loads our Q8_0 GGUF and its logits equal
+    those of the original model holding gguf-py's quantize -> dequantize of the same tensors
+    (F16 for rows that are not whole blocks, F32 for norms and 1-D tensors)."""
+    pytest.importorskip("accelerate")
+    import gguf
+    import torch
+    from gguf.constants import MODEL_ARCH
+
+    folder = tmp_path / "hf"
+    model = _llama(folder, **CONFIGS[case])
+    cfg = model.config
+    vocab = tmp_path / "vocab.gguf"
+    _with_llama_metadata({}, cfg, vocab)
+    out = tmp_path / "out"
+    _cli("convert", str(folder), "-o", str(out), "--rules", RULES, "--format", "gguf",
+         "--dtype", "q8_0", "--gguf-metadata", str(vocab))  # fmt: skip
+    reader = gguf.GGUFReader(out / "model.gguf")
+    types = {t.name: t.tensor_type for t in reader.tensors}
+    assert sum(t == gguf.GGMLQuantizationType.Q8_0 for t in types.values()) >= 6
+    assert gguf.GGMLQuantizationType.F16 in types.values()  # ffn_down: rows of 48
+
+    # The expected model: each HF tensor as gguf-py stores it in the type our file declares
+    # (a Q8_0 block lies within a row, so quantizing commutes with the q/k row permutation).
+    name_map = gguf.get_tensor_name_map(MODEL_ARCH.LLAMA, cfg.num_hidden_layers)
+    expected = {}
+    for hf_name, tensor in model.state_dict().items():
+        w = tensor.numpy()
+        gguf_name = name_map.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+        if gguf_name not in types:  # lm_head tied to the embedding
+            gguf_name = "token_embd.weight"
+        kind = types[gguf_name]
+        if kind == gguf.GGMLQuantizationType.Q8_0:
+            stored = gguf.quants.dequantize(gguf.quants.quantize(w, kind), kind)
+        elif kind == gguf.GGMLQuantizationType.F16:
+            stored = w.astype(np.float16).astype(np.float32)
+        else:
+            assert kind == gguf.GGMLQuantizationType.F32, (gguf_name, kind)
+            stored = w
+        expected[hf_name] = torch.from_numpy(np.ascontiguousarray(stored, dtype=np.float32))
+    changed = sum(not np.array_equal(expected[k].numpy(), v.numpy())
+                  for k, v in model.state_dict().items())  # fmt: skip
+    assert changed >= 6  # the quantization shows in the oracle
+    unquantized = _logits(model, cfg.vocab_size)
+    model.load_state_dict(expected)
+    want = _logits(model, cfg.vocab_size)
+    got = _logits(_load_gguf(out / "model.gguf", cfg), cfg.vocab_size)
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-4)
+    assert np.abs(got - unquantized).max() > 1e-3  # the oracle sees the quantization
 
 
 def test_explicit_params_a_saved_plan_replays_and_errors_say_what_to_pass(tmp_path: Path) -> None:

@@ -138,6 +138,8 @@ def plan(
     *,
     renames: Sequence[Rename | str] = (),
     rules: Mapping[str, Any] | None = None,
+    rules_file: str | os.PathLike[str] | None = None,
+    rules_params: Mapping[str, str | int] | None = None,
     from_framework: str | None = None,
     to_framework: str | None = None,
     dtype: str | None = None,
@@ -165,6 +167,13 @@ def plan(
     `dequantize` turns block-scaled FP8 weights (DeepSeek-V3's ``X.weight`` with
     ``X.weight_scale_inv``) into `dtype` (bf16 by default) tensors and drops the scales.
 
+    `rules_file` is a rules file (JSON/YAML path) or the name of one shipped with weightbridge
+    (``"llama_hf_to_gguf"``, see `weightbridge.planning.rulesfile`): its renames run before
+    `renames`, its rules before `rules`. When it gives ops on source tensors (``source_ops``),
+    `rules_params` are the numbers they need (``{"n_head": 32}``; else they are read from the
+    source folder's ``config.json``), and without a `target` the target is what its renames
+    and ops make of the source. `rules` without a target (and without such a file) are refused.
+
     `check=(their_apply, my_apply, inputs)` decides by running both models what metadata
     cannot (as in `adapt`): `source` must then hold weights (a dict of arrays, a module, a
     checkpoint path) and `target` the model's own tree; the hints execution chose are added,
@@ -175,6 +184,28 @@ def plan(
     outtype = _gguf_outtype(dtype)
     if outtype is not None:  # q8_0: no cast; the GGUF writer quantizes (`gguf.with_outtype`)
         dtype = None
+    if rules_file is not None:
+        from weightbridge.planning.rulesfile import planning_of
+
+        config, config_path = _hf_config(source)
+        given = planning_of(
+            rules_file,
+            spec_of(source),
+            renames=_rules(renames),
+            rules=rules,
+            params=rules_params,
+            target=None if target is None else spec_of(target),
+            config=config,
+            config_path=config_path,
+        )
+        renames, rules = given.renames, given.rules or None
+        if target is None:
+            target = given.target
+    elif rules_params:
+        raise PlanError(
+            "rules_params (--rules-param) are the numbers a rules file needs: pass the rules "
+            "file too (rules_file=NAME_OR_PATH, --rules)"
+        )
     if check is not None:
         from weightbridge.adapt import hints_by_execution
 
@@ -221,6 +252,16 @@ def plan(
     from weightbridge.io.gguf import with_outtype
 
     return with_outtype(made, outtype)
+
+
+def _hf_config(source: Any) -> tuple[dict[str, Any] | None, str | None]:
+    """A source folder's ``config.json`` (for a rules file's parameters) and its path, or
+    (None, None) for a source that is not a local folder."""
+    if not isinstance(source, (str, os.PathLike)):
+        return None, None
+    from weightbridge.planning.rulesfile import read_hf_config
+
+    return read_hf_config(os.fspath(source))
 
 
 def _gguf_outtype(dtype: str | None) -> str | None:
@@ -380,7 +421,7 @@ def convert(
     source = os.fspath(source)
     with wio.open_reader(source) as reader:
         if plan is None:
-            the_plan = _plan(reader.specs(), target, **planning)
+            the_plan = _plan(reader.specs(), target, **_with_config_params(planning, source))
         else:
             the_plan = plan if isinstance(plan, Plan) else Plan.load(plan)
             if target is not None:
@@ -419,6 +460,21 @@ def convert(
     return report
 
 
+def _with_config_params(planning: dict[str, Any], source: str) -> dict[str, Any]:
+    """`planning` with its rules file's parameters resolved against the `source` folder's
+    ``config.json``, for a `plan` that is given the source's specs, not its path."""
+    rules_file = planning.get("rules_file")
+    if rules_file is None:
+        return planning
+    from weightbridge.planning.rulesfile import has_source_ops, resolve_params
+
+    if not has_source_ops(rules_file):
+        return planning
+    config, config_path = _hf_config(source)
+    params = resolve_params(rules_file, planning.get("rules_params") or {}, config, config_path)
+    return {**planning, "rules_params": params}
+
+
 def _save_plan(
     plan: Plan,
     dest: str | os.PathLike[str] | Destination,
@@ -447,6 +503,16 @@ def _convert_batch(
 
     if not isinstance(dest, (str, os.PathLike)):
         raise SpecError("a batch's dest must be a directory path or an object-store URL")
+    rules_file = planning.get("rules_file")
+    if plan is None and rules_file is not None:
+        from weightbridge.errors import RuleError
+        from weightbridge.planning.rulesfile import has_source_ops
+
+        if has_source_ops(rules_file) or planning.get("rules_params"):
+            raise RuleError(
+                f"rules file {os.fspath(rules_file)} (--rules): its ops depend on each source's "
+                "shapes and parameters; convert one source at a time"
+            )
 
     def plan_for(specs: CheckpointSpec) -> Plan:
         if plan is None:

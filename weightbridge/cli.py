@@ -74,14 +74,10 @@ def _shard_map(path: str) -> dict[str, str] | None:
 
 
 def _load_rules(args: argparse.Namespace) -> list[Rename]:
+    """``--rename`` rules (a ``--rules`` file's renames are applied by the API, before them)."""
     from weightbridge.planning.planner import Rename
 
-    rules = [Rename.parse(r) for r in args.rename or []]
-    if args.rules:
-        from weightbridge.planning.rulesfile import load_renames
-
-        rules = load_renames(args.rules) + rules
-    return rules
+    return [Rename.parse(r) for r in args.rename or []]
 
 
 def _make_plan(args: argparse.Namespace) -> Plan:
@@ -91,12 +87,12 @@ def _make_plan(args: argparse.Namespace) -> Plan:
     _say_which_weights(args.source, args.like)
     if args.plan:
         return Plan.load(args.plan)
-    transforms, target = _rules_and_target(args)
     return api.plan(
         args.source,
-        target,
+        args.like,
         renames=_load_rules(args),
-        rules=transforms,
+        rules_file=args.rules,
+        rules_params=_rules_params(args),
         partial=args.partial,
         slice_mismatched=args.slice_mismatched,
         from_framework=args.from_framework,
@@ -107,14 +103,8 @@ def _make_plan(args: argparse.Namespace) -> Plan:
     )
 
 
-def _rules_and_target(args: argparse.Namespace) -> tuple[dict[str, Any] | None, Any]:
-    """The rules file's transforms and the target: ``--like``, or, for a rules file with
-    source ops (``--rules llama_hf_to_gguf``), what its renames and ops make of the source."""
-    if not args.rules:
-        return None, args.like
-    from weightbridge.planning import rulesfile
-
-    transforms: dict[str, Any] = dict(rulesfile.load_transforms(args.rules))
+def _rules_params(args: argparse.Namespace) -> dict[str, str] | None:
+    """``--rules-param NAME=VALUE`` pairs (the API checks names and numbers)."""
     given = {}
     for text in args.rules_param or []:
         name, sep, value = text.partition("=")
@@ -123,20 +113,7 @@ def _rules_and_target(args: argparse.Namespace) -> tuple[dict[str, Any] | None, 
 
             raise RuleError(f"--rules-param {text!r} must look like NAME=VALUE, e.g. n_head=32")
         given[name.strip()] = value.strip()
-    if not given and not rulesfile.has_source_ops(args.rules):
-        return transforms, args.like
-    from weightbridge import api
-
-    config, config_path = rulesfile.read_hf_config(str(args.source))
-    params = rulesfile.resolve_params(args.rules, given, config, config_path)
-    expansion = rulesfile.expand_source_ops(
-        args.rules,
-        api.spec_of(args.source),
-        renames=_load_rules(args),
-        params=params,
-        whole=args.like is None,
-    )
-    return {**expansion.transforms, **transforms}, args.like or expansion.target
+    return given or None
 
 
 def _hints(args: argparse.Namespace) -> list[tuple[str, str]]:
@@ -249,23 +226,12 @@ def _convert_batch(args: argparse.Namespace, scale: dict[str, Any]) -> int:
     from weightbridge import api
 
     _say_which_weights(*args.source, args.like)
-    transforms = None
-    if args.rules and not args.plan:
-        from weightbridge.planning.rulesfile import has_source_ops, load_transforms
-
-        if has_source_ops(args.rules) or args.rules_param:
-            from weightbridge.errors import RuleError
-
-            raise RuleError(
-                f"--rules {args.rules}: its ops depend on each source's shapes and parameters; "
-                "convert one source at a time"
-            )
-        transforms = load_transforms(args.rules)
     planning: dict[str, Any] = {}
     if not args.plan:
         planning = {
             "renames": _load_rules(args),
-            "rules": transforms,
+            "rules_file": args.rules,
+            "rules_params": _rules_params(args),
             "partial": args.partial,
             "slice_mismatched": args.slice_mismatched,
             "from_framework": args.from_framework,

@@ -12,7 +12,7 @@ from __future__ import annotations
 import importlib
 import logging
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from types import ModuleType
 from typing import TYPE_CHECKING, Any, cast
@@ -80,6 +80,7 @@ FORMATS: dict[str, FormatEntry] = {
         FormatEntry("safetensors", ".safetensors", ("safetensors",), (".safetensors",)),
         FormatEntry("numpy", ".numpy", ("npz", "numpy"), (".npz",)),
         FormatEntry("hdf5", ".hdf5", ("h5", "hdf5"), (".h5",), "pip install h5py"),
+        FormatEntry("megatron", ".megatron"),  # before dcp: a torch_dist dir is DCP too
         FormatEntry("dcp", ".dcp"),
         FormatEntry("zero", ".zero"),
         FormatEntry("torch", ".torch", ("torch", "pt", "bin"), (".bin", ".pt", ".pth", ".ckpt")),
@@ -97,6 +98,7 @@ if TYPE_CHECKING:  # mypy proves each built-in format module meets the contract 
         dcp,
         gguf,
         hdf5,
+        megatron,
         msgpack,
         numpy,
         safetensors,
@@ -107,7 +109,7 @@ if TYPE_CHECKING:  # mypy proves each built-in format module meets the contract 
     )
 
     _WRITABLE: tuple[WritableFormatModule, ...] = (safetensors, numpy, hdf5, torch, msgpack, gguf)
-    _READ_ONLY: tuple[FormatModule, ...] = (sharded, tfcheckpoint, dcp, zero)
+    _READ_ONLY: tuple[FormatModule, ...] = (sharded, tfcheckpoint, megatron, dcp, zero)
 
 # Members every format module has (`FormatModule`); checked when a module is first loaded.
 _REQUIRED = ("NAME", "SUFFIXES", "detect", "open_reader")
@@ -368,6 +370,19 @@ def writer_class(format: str) -> type[ShardWriter]:
     if name is None:
         raise UnknownFormatError(f"unknown output format {format!r}; choose one of {sorted(names)}")
     return cast(WritableFormatModule, _module(name)).Writer
+
+
+def stored_nbytes_of(
+    format: str, metadata: Mapping[str, str] | None
+) -> Callable[[TensorSpec], int] | None:
+    """The bytes the writer of `format` stores for each tensor, for shard assignment, when they
+    are not its spec's (a writer class's optional ``stored_sizes(metadata)``: GGUF's
+    quantization); None when they are."""
+    sizes = getattr(writer_class(format), "stored_sizes", None)
+    if sizes is None:
+        return None
+    found: Callable[[TensorSpec], int] | None = sizes(metadata)
+    return found
 
 
 def write_checkpoint(

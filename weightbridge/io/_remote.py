@@ -7,6 +7,7 @@ object. Readers see the same three things they use on local files:
   the safetensors header). It keeps a few recently fetched windows, so the many small reads a
   parser makes cost few requests; a window grows while the reads run on sequentially (a GGUF
   vocabulary) and starts small again after a seek (the next member's header in a zip).
+  ``keep(start, end)`` fetches a range the parser is about to read piecemeal in one request.
 * `RemoteBuffer`: the whole object as a sliceable buffer (`len`, ``buf[a:b]``), where a local
   file is memory-mapped for a parser that slices it (GGUF, flax msgpack).
 * `RemoteMappedFile`: the counterpart of `weightbridge.io.base.MappedFile`; ``array(offset,
@@ -30,7 +31,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import io
 import threading
 import time
 from collections import OrderedDict
@@ -51,6 +51,7 @@ from weightbridge.io._obstore import (
     open_store,
     split_url,
 )
+from weightbridge.io._window import RangeFile
 from weightbridge.io.base import MappedFile
 from weightbridge.spec import TensorSpec
 
@@ -398,62 +399,45 @@ def dirname(url: str) -> str:
 # -- file objects -------------------------------------------------------------------------------
 
 
-class RemoteFile(io.RawIOBase):
+class RemoteFile(RangeFile):
     """A seekable, read-only file object over an object, read by ranged GETs (see the module)."""
 
     def __init__(self, url: str) -> None:
-        super().__init__()
-        self.name = url
         self._obj = remote_object(url)
-        self._pos = 0
+        super().__init__(self._obj.size, url)
         self._windows: OrderedDict[int, bytes] = OrderedDict()  # start -> bytes, LRU order
         self._cached = 0
         self._window = WINDOW
         self._fetch_end = -1
 
-    @property
-    def size(self) -> int:
-        return self._obj.size
+    def keep(self, start: int, end: int) -> None:
+        """Fetch bytes [start, end) now, in one request, and keep them for the reads to come
+        (a parser about to read scattered headers there: a `torch.save` blob's two ends)."""
+        end = min(end, self._obj.size)
+        if end <= start:
+            return
+        data = bytes(_get(self._obj, start, end))
+        if len(data) != end - start:
+            raise _short(self._obj, start, end, len(data))
+        self._keep(start, data)
 
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def tell(self) -> int:
-        return self._pos
-
-    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._obj.size}[whence]
-        if base + offset < 0:
-            raise OSError(f"{self.name}: seek to {base + offset}, before the start")
-        self._pos = base + offset
-        return self._pos
-
-    def readall(self) -> bytes:
-        return self.read(max(0, self._obj.size - self._pos)) or b""
-
-    def readinto(self, buffer: Any) -> int:
-        view = memoryview(buffer).cast("B")
-        want = max(0, min(len(view), self._obj.size - self._pos))
+    def _read_at(self, pos: int, view: memoryview) -> int:
+        want = len(view)
         done = 0
         while done < want:
-            at = self._pos + done
+            at = pos + done
             chunk = self._cached_at(at)
             if chunk is None:
                 if want - done >= MAX_WINDOW:  # a bulk read: fetched as asked, not kept
-                    data = _get(self._obj, at, self._pos + want)
+                    data = _get(self._obj, at, pos + want)
                     if len(data) != want - done:
-                        raise _short(self._obj, at, self._pos + want, len(data))
+                        raise _short(self._obj, at, pos + want, len(data))
                     view[done:want] = memoryview(data)
-                    done = want
-                    break
+                    return want
                 chunk = self._fill(at, want - done)
             k = min(len(chunk), want - done)
             view[done : done + k] = chunk[:k]
             done += k
-        self._pos += done
         return done
 
     def _cached_at(self, pos: int) -> memoryview | None:
@@ -480,12 +464,15 @@ class RemoteFile(io.RawIOBase):
         if len(data) != end - start:
             raise _short(self._obj, start, end, len(data))
         self._fetch_end = end
+        self._keep(start, data)
+        return memoryview(data)[pos - start :]
+
+    def _keep(self, start: int, data: bytes) -> None:
         self._windows[start] = data
         self._cached += len(data)
         while self._cached > CACHE_BYTES and len(self._windows) > 1:
             _, old = self._windows.popitem(last=False)
             self._cached -= len(old)
-        return memoryview(data)[pos - start :]
 
     def close(self) -> None:
         self._windows.clear()

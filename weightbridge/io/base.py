@@ -98,7 +98,9 @@ class ShardWriter(Protocol):
         self, path: str, tensors: Sequence[TensorSpec], metadata: dict[str, str] | None = None
     ) -> None: ...
 
-    def write(self, name: str, tile: np.ndarray, row: int) -> None: ...
+    # Returns None, or the bytes it stored for the tile when they are not the tile's (a GGUF
+    # writer that quantizes): the shard's checksum is then of those (see `pipeline.hash_shard`).
+    def write(self, name: str, tile: np.ndarray, row: int) -> np.ndarray | None: ...
 
     def copy_from(self, name: str, src: ByteRange) -> bool: ...
 
@@ -307,6 +309,49 @@ def source_isfile(path: str) -> bool:
             return False
         return True
     return os.path.isfile(path)
+
+
+# Checkpoints that are directories (DCP, DeepSpeed ZeRO, TensorFlow) are prefixes in an object
+# store: its listing stands for the directory's (one request; HTTP cannot list, so a directory
+# there is empty).
+
+
+def source_isdir(path: str) -> bool:
+    """Whether `path` is a local directory, or a prefix with objects under it."""
+    if is_object_url(path):
+        from weightbridge.io._remote import probe
+
+        return probe(path) == "dir"
+    return os.path.isdir(path)
+
+
+def source_join(directory: str, name: str) -> str:
+    """`name` inside a local directory or an object-store prefix.
+
+    >>> source_join("s3://b/ckpt/", "latest"), source_join("ckpt", "latest")
+    ('s3://b/ckpt/latest', 'ckpt/latest')
+    """
+    if is_object_url(directory):
+        from weightbridge.io._remote import join
+
+        return join(directory, name)
+    return os.path.join(directory, name)
+
+
+def source_listdir(directory: str) -> list[str]:
+    """The names directly in a local directory, or of the objects and sub-prefixes directly
+    under a prefix.
+
+    Raises:
+        OSError: a local directory that cannot be listed.
+        WeightbridgeError: the store did not answer (`StoreUnreachable`).
+    """
+    if is_object_url(directory):
+        from weightbridge.io._remote import list_directory
+
+        listing = list_directory(directory)
+        return [*listing.files, *listing.dirs]
+    return os.listdir(directory)
 
 
 def open_source(path: str) -> IO[bytes]:

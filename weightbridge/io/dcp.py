@@ -22,10 +22,17 @@ so memory stays within the largest tensor. Opening also checks, with one `stat` 
 every chunk lies inside its file. Non-tensor entries are listed by `non_tensor_entries` and in
 the spec's metadata, and never converted.
 
-Megatron's ``torch_dist`` is this format plus ``metadata.json`` and ``common.pt`` (which this
-module ignores) and an extra ``Metadata.mcore_data``: tensors mcore saved "N-D flattened" are
-read as stored, with their original global shape noted in the spec's metadata. Stacked layers
-or experts are read as the stacked tensors mcore wrote. Not yet proven on files mcore wrote.
+In an object store the checkpoint is a prefix (``s3://bucket/ckpt``, found by one listing), or
+its ``.metadata`` object (``https://`` cannot list): ``.metadata`` is fetched whole; for each
+chunk read, its blob's two ends (the zip headers and pickle, `_BLOB_END_BYTES` each) in one
+request each, then its tensor's bytes by ranged reads (`weightbridge.io._remote`).
+
+Megatron's ``torch_dist`` is this format plus ``metadata.json``, ``common.pt``,
+``Metadata.all_local_plans`` (inert records here) and, before mcore 0.14,
+``Metadata.mcore_data``. Read as plain DCP, tensors are the stacked tensors mcore wrote
+("N-D flattened" ones as stored, their original global shape noted in the spec's metadata);
+`weightbridge.io.megatron` (tried first by the registry) reads such a directory as the model's
+per-layer tensors.
 
 Not read: chunks written through stream-transform extensions (compression, encryption),
 checkpoints saved with ``SerializationFormat.SAFETENSORS``, and rank-local ``__{rank}.metadata``
@@ -46,7 +53,9 @@ from typing import IO, Any, cast
 import numpy as np
 
 from weightbridge import dtypes
-from weightbridge.errors import FormatError
+from weightbridge.errors import FormatError, WeightbridgeError
+from weightbridge.io import _remote
+from weightbridge.io._obstore import is_object_url
 from weightbridge.io._pickle import (  # the restricted unpickler
     ALLOWED,
     TensorRef,
@@ -59,11 +68,21 @@ from weightbridge.io._pickle import (  # the restricted unpickler
     load_pickle,
 )
 from weightbridge.io._pickle import brief as _brief
+from weightbridge.io._remote import RemoteFile
+from weightbridge.io._window import Window
 from weightbridge.io.base import (
     BaseReader,
     ByteRange,
     MappedFile,
     check_safe_relative,
+    local_range,
+    map_source,
+    open_source,
+    source_isdir,
+    source_isfile,
+    source_join,
+    source_listdir,
+    source_size,
     zip_member_data_start,
 )
 from weightbridge.spec import MAX_NBYTES, CheckpointSpec, TensorSpec
@@ -88,6 +107,7 @@ _MAX_GRID_CELLS = 1 << 22
 
 _DCP_META = "torch.distributed.checkpoint.metadata"
 _DCP_FS = "torch.distributed.checkpoint.filesystem"
+_DCP_PLANNER = "torch.distributed.checkpoint.planner"
 
 
 # --------------------------------------------------------------------------------------------
@@ -166,6 +186,13 @@ _DCP_CLASSES = (
     f"{_DCP_META}.MetadataIndex",
     f"{_DCP_META}._MEM_FORMAT_ENCODING",
     f"{_DCP_FS}._StorageInfo",
+    # Megatron's torch_dist keeps every rank's save plan in ``Metadata.all_local_plans`` (to
+    # reuse it on the next save); inert records, never read.
+    f"{_DCP_PLANNER}.SavePlan",
+    f"{_DCP_PLANNER}.WriteItem",
+    f"{_DCP_PLANNER}.WriteItemType",
+    f"{_DCP_PLANNER}.TensorWriteData",
+    f"{_DCP_PLANNER}.BytesIOWriteData",
 )
 _RECORDS: dict[str, type[_Record]] = {k: _record_class(k) for k in _DCP_CLASSES}
 _DCPALLOWED: dict[tuple[str, str], Any] = {
@@ -211,13 +238,16 @@ class _MetadataUnpickler(pickle.Unpickler):
 
 def _load_metadata(path: str) -> Any:
     try:
-        size = os.stat(path).st_size
+        size = source_size(path)
         if size > _MAX_METADATA_BYTES:
             raise FormatError(
                 f"{path}: {size} bytes is too large for a DCP .metadata file (limit "
                 f"{_MAX_METADATA_BYTES}); the file is corrupt or not DCP metadata"
             )
-        with open(path, "rb") as f:
+        with open_source(path) as source:
+            # An object is fetched whole, in one request: the unpickler's many small reads
+            # then cost nothing. A local file is read where it is.
+            f = io.BytesIO(source.read()) if is_object_url(path) else source
             _check_memo(_Bounded(f, size), path, size)
             f.seek(0)
             return _MetadataUnpickler(f, source=path).load()
@@ -337,7 +367,7 @@ class _Parsed:
             if isinstance(rel, str) and "\0" in rel:
                 raise _BadPickle(f"entry {fqn!r}: data file name {rel!r} holds a NUL byte")
             rel = check_safe_relative(rel, index_path=self.source, what="data file")
-            out[key] = (os.path.join(self.directory, rel), off, length)
+            out[key] = (source_join(self.directory, rel), off, length)
         return out
 
     def _where(self, name: str, offsets: tuple[int, ...] | None) -> tuple[str, int, int]:
@@ -463,32 +493,11 @@ def _tiles_exactly(shape: tuple[int, ...], chunks: list[Chunk]) -> bool:
 # Reading a chunk's `torch.save` blob in place.
 
 
-class _Window(io.RawIOBase):
-    """Bytes [start, start + length) of a mapped file, as a seekable file for `zipfile`."""
-
-    def __init__(self, data: memoryview, start: int, length: int) -> None:
-        self._data, self._start, self._len, self._pos = data, start, length, 0
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def tell(self) -> int:
-        return self._pos
-
-    def seek(self, pos: int, whence: int = 0) -> int:
-        base = {0: 0, 1: self._pos, 2: self._len}[whence]
-        self._pos = max(0, base + pos)
-        return self._pos
-
-    def readinto(self, buf: Any) -> int:
-        n = max(0, min(len(buf), self._len - self._pos))
-        s = self._start + self._pos
-        buf[:n] = self._data[s : s + n]
-        self._pos += n
-        return n
+# A `torch.save` blob of one tensor has its zip headers and pickle (a few hundred bytes) before
+# the storage and its directory (a few hundred more) after it. From an object store, both ends
+# are fetched with one request each before zipfile reads them in many small reads; 4 KiB holds
+# them with room for long names, and a blob this size or smaller is fetched whole.
+_BLOB_END_BYTES = 4 << 10
 
 
 @dataclass(frozen=True, slots=True)
@@ -499,13 +508,30 @@ class _Placed:
     ref: TensorRef
 
 
-def _locate(mapped: MappedFile, chunk: Chunk, spec: TensorSpec) -> _Placed:
+def _open_blob(chunk: Chunk) -> Window:
+    """A chunk's `torch.save` blob as a file: a window of its local file, or of its object with
+    both ends fetched ahead (see _BLOB_END_BYTES)."""
+    source = open_source(chunk.file)
+    if isinstance(source, RemoteFile):
+        start, end = chunk.offset, chunk.offset + chunk.length
+        if chunk.length <= 2 * _BLOB_END_BYTES:
+            source.keep(start, end)
+        else:
+            source.keep(start, start + _BLOB_END_BYTES)
+            source.keep(end - _BLOB_END_BYTES, end)
+    return Window(source, chunk.offset, chunk.length, name=chunk.file)
+
+
+def _locate(size: int, chunk: Chunk, spec: TensorSpec) -> _Placed:
     """Parse a chunk's `torch.save` zip blob: the pickle says which storage and which view."""
     where = f"{chunk.file}: tensor {spec.name!r} chunk at {chunk.offsets} (bytes {chunk.offset}..)"
-    if chunk.offset + chunk.length > mapped.size:
-        raise FormatError(f"{where}: the file has {mapped.size} bytes; it is truncated")
-    whole = mapped.array(0, TensorSpec(spec.name, (mapped.size,), "U8"))
-    window = _Window(whole.data, chunk.offset, chunk.length)
+    if chunk.offset + chunk.length > size:
+        raise FormatError(f"{where}: the file has {size} bytes; it is truncated")
+    with _open_blob(chunk) as window:
+        return _parse_blob(window, chunk, spec, where)
+
+
+def _parse_blob(window: Window, chunk: Chunk, spec: TensorSpec, where: str) -> _Placed:
     if bytes(window.read(4)) != b"PK\x03\x04":
         raise FormatError(
             f"{where}: the bytes are not a torch.save zip; weightbridge reads DCP checkpoints "
@@ -571,23 +597,37 @@ def _c_strides(shape: tuple[int, ...], actual: tuple[int, ...]) -> tuple[int, ..
 # The reader.
 
 
+def _names_a_file(path: str) -> bool:
+    return path.endswith(DATA_SUFFIX) or path.rstrip("/").rsplit("/", 1)[-1] == METADATA_FILE
+
+
 def _directory_of(path: str) -> str:
-    """A DCP checkpoint is its directory; its `.metadata` or one `.distcp` stands for it."""
+    """A DCP checkpoint is its directory (local, or a prefix in an object store); its
+    `.metadata` or one `.distcp` stands for it."""
+    if is_object_url(path):
+        return _remote.dirname(path) if _names_a_file(path) else path.rstrip("/")
     if os.path.isdir(path):
         return path
     return os.path.dirname(path) or "."
 
 
+# A local directory or an object-store prefix alike (megatron.py uses these names too).
+_isdir, _join, _listdir = source_isdir, source_join, source_listdir
+
+
 def detect(path: str, head: bytes) -> bool:
-    """True for a directory with a `.metadata` file (or a file inside one) and `.distcp` files."""
-    if not (
-        os.path.isdir(path) or path.endswith(DATA_SUFFIX) or os.path.basename(path) == METADATA_FILE
-    ):
+    """True for a directory with a `.metadata` file (or a file inside one) and `.distcp` files.
+
+    An object URL naming the `.metadata` itself (a pickle) is enough: it names every data file,
+    so nothing needs listing (over HTTP nothing can be listed).
+    """
+    if is_object_url(path) and path.endswith("/" + METADATA_FILE) and head[:1] == b"\x80":
+        return True
+    if not (_names_a_file(path) or source_isdir(path)):
         return False
-    directory = _directory_of(path)
     try:
-        names = os.listdir(directory)
-    except OSError:
+        names = source_listdir(_directory_of(path))
+    except (OSError, WeightbridgeError):
         return False
     return METADATA_FILE in names and any(n.endswith(DATA_SUFFIX) for n in names)
 
@@ -597,8 +637,8 @@ class DcpReader(BaseReader):
 
     def __init__(self, path: str) -> None:
         self.path = _directory_of(os.fspath(path))
-        source = os.path.join(self.path, METADATA_FILE)
-        if not os.path.isfile(source):
+        source = source_join(self.path, METADATA_FILE)
+        if not source_isfile(source):
             raise FormatError(
                 f"{self.path}: no {METADATA_FILE} file; a DCP checkpoint directory has one "
                 "(rank-local __N.metadata files are not read)"
@@ -643,10 +683,11 @@ class DcpReader(BaseReader):
         for file, end, what in spans:
             if file not in sizes:
                 try:
-                    sizes[file] = os.stat(file).st_size
-                except OSError as e:
+                    sizes[file] = source_size(file)
+                except (OSError, FormatError) as e:
+                    cause = e.strerror if isinstance(e, OSError) and e.strerror else e
                     raise FormatError(
-                        f"{file}: cannot read it ({e.strerror or e}); {source} places {what} in it"
+                        f"{file}: cannot read it ({cause}); {source} places {what} in it"
                     ) from e
             if end > sizes[file]:
                 raise FormatError(
@@ -666,12 +707,12 @@ class DcpReader(BaseReader):
 
     def files(self) -> list[str]:
         found = {c.file for cs in self._chunks.values() for c in cs}
-        return [os.path.join(self.path, METADATA_FILE), *sorted(found)]
+        return [source_join(self.path, METADATA_FILE), *sorted(found)]
 
     def _mapped_file(self, path: str) -> MappedFile:
         f = self._files.get(path)
         if f is None:
-            f = self._files[path] = MappedFile(path)
+            f = self._files[path] = map_source(path)
         return f
 
     def _place(self, name: str, i: int) -> tuple[MappedFile, _Placed]:
@@ -679,20 +720,29 @@ class DcpReader(BaseReader):
         mapped = self._mapped_file(chunk.file)
         placed = self._placed.get((name, i))
         if placed is None:
-            placed = self._placed[(name, i)] = _locate(mapped, chunk, self._spec[name])
+            placed = self._placed[(name, i)] = _locate(mapped.size, chunk, self._spec[name])
         return mapped, placed
 
-    def _chunk_array(self, name: str, i: int) -> np.ndarray:
+    def _extent(self, name: str, i: int) -> tuple[MappedFile, _Placed, int, int]:
+        """(file, placement, first byte, bytes) of chunk `i`'s elements in its file."""
         mapped, placed = self._place(name, i)
+        ref = placed.ref
+        item = dtypes.itemsize(self._spec[name].dtype)
+        start = placed.data_offset + ref.storage.byte_offset + ref.offset * item
+        if math.prod(ref.shape) == 0:
+            return mapped, placed, start, 0
+        extent = sum((d - 1) * s for d, s in zip(ref.shape, ref.stride, strict=True)) + 1
+        return mapped, placed, start, extent * item
+
+    def _chunk_array(self, name: str, i: int) -> np.ndarray:
+        mapped, placed, start, nbytes = self._extent(name, i)
         ref, code = placed.ref, self._spec[name].dtype
         dt = dtypes.to_numpy(code)
-        if math.prod(ref.shape) == 0:
+        if nbytes == 0:
             empty = np.empty(ref.shape, dtype=dt)
             empty.flags.writeable = False
             return empty
-        start = placed.data_offset + ref.storage.byte_offset + ref.offset * dt.itemsize
-        extent = sum((d - 1) * s for d, s in zip(ref.shape, ref.stride, strict=True)) + 1
-        flat = mapped.array(start, TensorSpec(name, (extent,), code))
+        flat = mapped.array(start, TensorSpec(name, (nbytes // dt.itemsize,), code))
         if ref.stride == _c_strides(ref.shape, ref.stride):  # the usual case: a plain view
             return flat.reshape(ref.shape)
         # As in the torch reader: stride over same-sized unsigned ints (numpy cannot parse some
@@ -719,31 +769,35 @@ class DcpReader(BaseReader):
         return out
 
     def byte_range(self, name: str) -> ByteRange | None:
-        """The bytes of a single-chunk, C-contiguous tensor inside its `.distcp` file."""
+        """The bytes of a single-chunk, C-contiguous tensor inside its local `.distcp` file
+        (None from an object store: its bytes come through `read`)."""
         chunks = self._chunks.get(name)
-        if not chunks or len(chunks) != 1:
+        if not chunks or len(chunks) != 1 or is_object_url(chunks[0].file):
             return None
-        arr = self._chunk_array(name, 0)
-        if not arr.flags.c_contiguous:
+        _, placed, start, nbytes = self._extent(name, 0)
+        ref = placed.ref
+        if ref.stride != _c_strides(ref.shape, ref.stride):
             return None
-        _, placed = self._place(name, 0)
-        item = arr.dtype.itemsize
-        start = placed.data_offset + placed.ref.storage.byte_offset + placed.ref.offset * item
-        return ByteRange(chunks[0].file, start, arr.nbytes)
+        return local_range(chunks[0].file, start, nbytes)
 
     def _release_chunk(self, name: str, i: int) -> None:
-        placed = self._placed.get((name, i))
-        if placed is not None:
-            chunk = self._chunks[name][i]
-            self._mapped_file(chunk.file).release(chunk.offset, chunk.length)
+        if (name, i) in self._placed:
+            mapped, _, start, nbytes = self._extent(name, i)
+            mapped.release(start, nbytes)
 
     def release(self, name: str) -> None:
         for i in range(len(self._chunks.get(name, ()))):
             self._release_chunk(name, i)
 
     def prefetch(self, name: str) -> None:
-        for c in self._chunks.get(name, ()):
-            self._mapped_file(c.file).prefetch(c.offset, c.length)
+        for i, c in enumerate(self._chunks.get(name, ())):
+            if is_object_url(c.file):
+                # The exact range `read` asks for (the blob's ends are fetched to find it),
+                # so the prefetched bytes are the ones used.
+                mapped, _, start, nbytes = self._extent(name, i)
+                mapped.prefetch(start, nbytes)
+            else:  # the whole blob, without parsing it: advice to the page cache
+                self._mapped_file(c.file).prefetch(c.offset, c.length)
 
     def close(self) -> None:
         for f in self._files.values():

@@ -38,7 +38,7 @@ import math
 import os
 import re
 import struct
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -505,6 +505,14 @@ class GgufReader(BaseReader):
             return None
         return local_range(self.path, info.offset, info.nbytes)
 
+    def stored_bytes(self, name: str) -> np.ndarray:
+        """Tensor `name`'s bytes as the file stores them (a quantized tensor's blocks), mapped:
+        what the shard checksum of a conversion that wrote this file covers."""
+        info = self._infos.get(name)
+        if info is None:
+            raise self._missing(name)
+        return self._mapped().array(info.offset, TensorSpec(name, (info.nbytes,), "U8"))
+
     def prefetch(self, name: str) -> None:
         info = self._infos.get(name)
         if info is not None:
@@ -800,6 +808,34 @@ class GgufWriter:
         self._f = open(self.path, "wb")  # noqa: SIM115 - closed in close()/abort()
         self._f.write(header)
 
+    @staticmethod
+    def stored_sizes(metadata: Mapping[str, str] | None) -> Callable[[TensorSpec], int] | None:
+        """The bytes each tensor takes in a file written with `metadata` when they are not its
+        spec's: with `OPTION_OUTTYPE`, the quantized sizes of `stored_type` (for shard
+        assignment: a Q8_0 split set's files are then as large as ``--max-shard-size``
+        allows); None without quantization.
+
+        >>> size = GgufWriter.stored_sizes({OPTION_OUTTYPE: "Q8_0"})
+        >>> size(TensorSpec("blk.0.attn_q.weight", (64, 64), "BF16")), 64 * 64 * 34 // 32
+        (4352, 4352)
+        >>> size(TensorSpec("blk.0.attn_norm.weight", (64,), "BF16"))  # kept in F32
+        256
+        """
+        outtype = (metadata or {}).get(OPTION_OUTTYPE)
+        if outtype is None or outtype not in QUANTIZERS:
+            return None  # the writer itself refuses an unknown type, by name
+        kind = BY_NAME[outtype]
+
+        def size(spec: TensorSpec) -> int:
+            stored = stored_type(spec, outtype)
+            if stored == outtype:
+                return spec.numel // kind.block_size * kind.type_size
+            if stored in ("F32", "F16") and stored != spec.dtype:
+                return spec.numel * dtypes.itemsize(stored)
+            return spec.nbytes
+
+        return size
+
     def _split_of_name(self, tensors: str | None) -> Split | None:
         """The split a file named like ``model-00002-of-00003.gguf`` is (None for one file)."""
         m = SPLIT_NAME.search(os.path.basename(self.path))
@@ -838,8 +874,10 @@ class GgufWriter:
         # Padding up to the tensor's aligned offset (a zero-byte tensor still has one).
         self._f.write(b"\0" * (self._data_start + self._offsets[spec.name] - self._f.tell()))
 
-    def write(self, name: str, tile: np.ndarray, row: int) -> None:
-        """Append one tile: consecutive whole rows of `name`, in declared order."""
+    def write(self, name: str, tile: np.ndarray, row: int) -> np.ndarray | None:
+        """Append one tile: consecutive whole rows of `name`, in declared order. For a
+        quantized tensor, return the bytes stored (its blocks; the shard's checksum is of
+        them, as `GgufReader.stored_bytes` reads them back), else None (the tile's own)."""
         _, data = self._cursor.tile(name, tile, row)
         kind = self._quantize.get(name)
         if kind is not None and data.size:
@@ -847,12 +885,17 @@ class GgufWriter:
             # at a time: the float32 copy and the kernel's temporaries stay a few MB however
             # large the tile.
             flat = data.reshape(-1)
+            stored = np.empty(flat.size // kind.block_size * kind.type_size, np.uint8)
             for start in range(0, flat.size, _TILE_ELEMENTS):
                 part = flat[start : start + _TILE_ELEMENTS].astype(np.float32)
-                self._f.write(quantize_blocks(kind, part).data)
-            return
+                blocks = quantize_blocks(kind, part).reshape(-1)
+                at = start // kind.block_size * kind.type_size
+                stored[at : at + blocks.size] = blocks
+                self._f.write(blocks.data)
+            return stored
         if data.size:
             self._f.write(data.reshape(-1).view(np.uint8).data)
+        return None
 
     def copy_from(self, name: str, src: ByteRange) -> bool:
         """Decline: tensors pass through as tiles (a file-to-file copy is a later speed-up)."""
@@ -966,6 +1009,9 @@ class GgufSplitReader(BaseReader):
 
     def byte_range(self, name: str) -> ByteRange | None:
         return self._part(name).byte_range(name)
+
+    def stored_bytes(self, name: str) -> np.ndarray:
+        return self._part(name).stored_bytes(name)
 
     def prefetch(self, name: str) -> None:
         if name in self._owner:

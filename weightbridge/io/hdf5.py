@@ -42,6 +42,7 @@ from weightbridge import dtypes
 from weightbridge.errors import DtypeError, FormatError
 from weightbridge.io._obstore import is_object_url
 from weightbridge.io._tiles import TileCursor
+from weightbridge.io._window import Window
 from weightbridge.io.base import (
     ZIP_MAGIC,
     BaseReader,
@@ -96,47 +97,6 @@ def detect(path: str, head: bytes) -> bool:
         except (OSError, zipfile.BadZipFile, ValueError, EOFError, NotImplementedError):
             return False
     return False
-
-
-class _Window(io.RawIOBase):
-    """Read-only file object over bytes [start, start + length) of a file.
-
-    Lets h5py open an HDF5 file stored uncompressed inside a zip, with cheap seeks.
-    """
-
-    def __init__(self, path: str, start: int, length: int) -> None:
-        super().__init__()
-        self._f = open_source(path)  # closed in close()
-        self._start, self._length, self._pos = start, length, 0
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def tell(self) -> int:
-        return self._pos
-
-    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._length}[whence]
-        self._pos = max(0, base + offset)
-        return self._pos
-
-    def readinto(self, buffer: Any) -> int:
-        view = memoryview(buffer).cast("B")
-        n = max(0, min(len(view), self._length - self._pos))
-        if n == 0:
-            return 0
-        self._f.seek(self._start + self._pos)
-        data = self._f.read(n)
-        view[: len(data)] = data
-        self._pos += len(data)
-        return len(data)
-
-    def close(self) -> None:
-        self._f.close()
-        super().close()
 
 
 def _natural(name: str) -> tuple[Any, ...]:
@@ -263,7 +223,9 @@ class HDF5Reader(BaseReader):
                         f"{self.path}: file is truncated: member {KERAS_WEIGHTS_MEMBER!r} runs "
                         f"through byte {self._base + info.file_size}, file is {end} bytes"
                     )
-                self._window = _Window(self.path, self._base, info.file_size)
+                self._window = Window(
+                    open_source(self.path), self._base, info.file_size, name=self.path
+                )
                 return h5py.File(self._window, "r"), info.file_size, True
         # Compressed: h5py reads through zipfile (seeks decompress again); no mapping.
         self._zip = open_zip(self.path)

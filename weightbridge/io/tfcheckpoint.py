@@ -26,12 +26,15 @@ naming the tensor), partitioned variables saved as slices (refused), big-endian 
 (refused). Tensor data is memory-mapped and not checksummed: CRC-32C over every byte in pure
 Python would cost more than the conversion; the index's own checksums are verified. Writing
 TensorFlow checkpoints is not supported.
+
+In an object store a checkpoint is a prefix (listed like a directory) or its ``.index`` object
+(over ``https://``, which cannot list): the index is fetched whole, each tensor by a ranged read
+of its shard.
 """
 
 from __future__ import annotations
 
 import codecs
-import glob
 import os
 import re
 import struct
@@ -40,8 +43,22 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from weightbridge.errors import DtypeError, FormatError, SpecError
-from weightbridge.io.base import BaseReader, ByteRange, MappedFile, check_safe_relative
+from weightbridge.errors import DtypeError, FormatError, SpecError, WeightbridgeError
+from weightbridge.io._remote import MissingObject
+from weightbridge.io.base import (
+    BaseReader,
+    ByteRange,
+    MappedFile,
+    check_safe_relative,
+    local_range,
+    map_source,
+    open_source,
+    source_isdir,
+    source_isfile,
+    source_join,
+    source_listdir,
+    source_size,
+)
 from weightbridge.spec import CheckpointSpec, TensorSpec
 
 NAME = "tfcheckpoint"
@@ -358,8 +375,10 @@ def read_table(path: str) -> list[tuple[bytes, bytes]]:
         FormatError: naming `path`, when the file is missing, truncated, not a table or corrupt.
     """
     try:
-        with open(path, "rb") as f:
-            data = f.read()  # an index is small: entries are ~100 bytes per tensor
+        # An index is small (entries are ~100 bytes per tensor): read whole, from an object
+        # store in one request.
+        with open_source(path) as f:
+            data = f.read()
     except FileNotFoundError as e:
         raise FormatError(f"{path}: file not found") from e
     if len(data) < FOOTER_SIZE:
@@ -390,15 +409,21 @@ def read_table(path: str) -> list[tuple[bytes, bytes]]:
 # --- locating a checkpoint ------------------------------------------------------------------
 
 
+def _index_files(directory: str) -> list[str]:
+    """The ``*.index`` files in a directory (or an object-store prefix), sorted."""
+    names = source_listdir(directory)
+    return sorted(source_join(directory, n) for n in names if n.endswith(INDEX_SUFFIX))
+
+
 def _has_magic(index_path: str) -> bool:
     try:
-        with open(index_path, "rb") as f:
+        with open_source(index_path) as f:
             f.seek(0, os.SEEK_END)
             if f.tell() < FOOTER_SIZE:
                 return False
             f.seek(-8, os.SEEK_END)
             return int.from_bytes(f.read(8), "little") == TABLE_MAGIC
-    except OSError:
+    except (OSError, WeightbridgeError):
         return False
 
 
@@ -409,10 +434,10 @@ def _latest_in_state_file(directory: str) -> str:
     is taken by its base name beside the state file, so a moved directory still works and the
     state file cannot send us to files elsewhere.
     """
-    state = os.path.join(directory, STATE_FILE)
+    state = source_join(directory, STATE_FILE)
     try:
-        with open(state, encoding="utf-8") as f:
-            text = f.read()
+        with open_source(state) as f:
+            text = f.read().decode("utf-8")
     except (OSError, UnicodeDecodeError) as e:
         raise FormatError(f"{state}: cannot read the checkpoint state file ({e})") from e
     m = re.search(r'^\s*model_checkpoint_path\s*:\s*"((?:[^"\\]|\\.)*)"', text, re.MULTILINE)
@@ -431,8 +456,8 @@ def _latest_in_state_file(directory: str) -> str:
         rel = os.path.basename(named.replace("\\", "/"))
     else:
         rel = check_safe_relative(named, index_path=state, what="checkpoint")
-    prefix = os.path.join(directory, rel)
-    if not os.path.isfile(prefix + INDEX_SUFFIX):
+    prefix = source_join(directory, rel)
+    if not source_isfile(prefix + INDEX_SUFFIX):
         raise FormatError(
             f"{state}: names checkpoint {named!r}, but {prefix + INDEX_SUFFIX} does not exist; "
             "the directory is incomplete, or pass the prefix of a checkpoint that is there"
@@ -450,25 +475,24 @@ def find_prefix(path: str) -> str | None:
         FormatError: a directory's state file is broken, or it holds several checkpoints and no
             state file says which.
     """
-    if os.path.isdir(path):
-        if _is_state_file(os.path.join(path, STATE_FILE)):
+    if source_isdir(path):
+        if _is_state_file(source_join(path, STATE_FILE)):
             return _latest_in_state_file(path)
-        found = sorted(glob.glob(os.path.join(glob.escape(path), "*" + INDEX_SUFFIX)))
-        found = [f for f in found if _has_magic(f)]
+        found = [f for f in _index_files(path) if _has_magic(f)]
         if len(found) > 1:
             names = [os.path.basename(f)[: -len(INDEX_SUFFIX)] for f in found]
             raise FormatError(
                 f"{path}: holds several TensorFlow checkpoints {names[:5]} and no 'checkpoint' "
                 "state file saying which is current; pass the prefix of the one you mean, e.g. "
-                f"{os.path.join(path, names[-1])}"
+                f"{source_join(path, names[-1])}"
             )
         return found[0][: -len(INDEX_SUFFIX)] if found else None
-    if path.endswith(INDEX_SUFFIX) and os.path.isfile(path):
+    if path.endswith(INDEX_SUFFIX) and source_isfile(path):
         return path[: -len(INDEX_SUFFIX)]
     m = _DATA_FILE.fullmatch(path)
-    if m and os.path.isfile(m.group(1) + INDEX_SUFFIX):
+    if m and source_isfile(m.group(1) + INDEX_SUFFIX):
         return m.group(1)
-    if os.path.isfile(path + INDEX_SUFFIX):
+    if source_isfile(path + INDEX_SUFFIX):
         return path
     return None
 
@@ -476,9 +500,9 @@ def find_prefix(path: str) -> str | None:
 def _is_state_file(path: str) -> bool:
     # Other formats name files "checkpoint" too (an Orbax msgpack, say): look for TF's field.
     try:
-        with open(path, "rb") as f:
+        with open_source(path) as f:
             return b"model_checkpoint_path" in f.read(_STATE_HEAD_BYTES)
-    except OSError:
+    except (OSError, WeightbridgeError):
         return False
 
 
@@ -488,11 +512,10 @@ def detect(path: str, head: bytes) -> bool:
     A directory counts when it has a TensorFlow ``checkpoint`` state file or an ``.index`` with
     the magic.
     """
-    if os.path.isdir(path):
-        if _is_state_file(os.path.join(path, STATE_FILE)):
+    if source_isdir(path):
+        if _is_state_file(source_join(path, STATE_FILE)):
             return True
-        pattern = os.path.join(glob.escape(path), "*" + INDEX_SUFFIX)
-        return any(_has_magic(f) for f in glob.glob(pattern))
+        return any(_has_magic(f) for f in _index_files(path))
     try:
         prefix = find_prefix(path)
     except FormatError:
@@ -636,8 +659,8 @@ class TFCheckpointReader(BaseReader):
             data_path = self._data_paths[shard]
             if shard not in sizes:
                 try:
-                    sizes[shard] = os.stat(data_path).st_size
-                except FileNotFoundError as e:
+                    sizes[shard] = source_size(data_path)
+                except (FileNotFoundError, MissingObject) as e:
                     raise FormatError(
                         f"{data_path}: data shard {shard} of {len(self._data_paths)} is missing "
                         f"(tensor {spec.name!r} is in it, says {self.path}); copy every "
@@ -652,7 +675,7 @@ class TFCheckpointReader(BaseReader):
     def _mapped_shard(self, shard: int) -> MappedFile:
         mf = self._files.get(shard)
         if mf is None:
-            mf = self._files[shard] = MappedFile(self._data_paths[shard])
+            mf = self._files[shard] = map_source(self._data_paths[shard])
         return mf
 
     def read(self, name: str) -> np.ndarray:
@@ -665,7 +688,16 @@ class TFCheckpointReader(BaseReader):
         loc = self._where.get(name)
         if loc is None:
             return None
-        return ByteRange(self._data_paths[loc.shard], loc.offset, loc.size)
+        return local_range(self._data_paths[loc.shard], loc.offset, loc.size)
+
+    def files(self) -> list[str]:
+        shards = sorted({loc.shard for loc in self._where.values()})
+        return [self.path, *(self._data_paths[s] for s in shards)]
+
+    def prefetch(self, name: str) -> None:
+        loc = self._where.get(name)
+        if loc is not None:
+            self._mapped_shard(loc.shard).prefetch(loc.offset, loc.size)
 
     def release(self, name: str) -> None:
         loc = self._where.get(name)

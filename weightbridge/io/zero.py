@@ -23,6 +23,10 @@ DeepSpeed's ``zero_to_fp32`` (``get_fp32_state_dict_from_zero_checkpoint``), who
 reader equals bit for bit, tensor for tensor, in its order (buffers, frozen, trainable, tied).
 Specs come from the pickles alone; a parameter inside one rank's slice is a memory-mapped view,
 one spanning ranks is assembled into one new array, so memory stays within the largest tensor.
+In an object store the run is a prefix, listed like a directory; the pickles come by a few
+ranged reads each, and a parameter's piece of a rank's fp32 partition by one ranged read of
+exactly its bytes: the partition is a stored (uncompressed) zip member, so no read ever
+fetches a whole optimizer-states file, nor the moments beside the weights.
 
 The pickles are read by the restricted unpickler of `weightbridge.io._pickle`, with DeepSpeed's
 few classes stubbed (the stage enum becomes its number, loss scalers and fragment addresses
@@ -37,15 +41,16 @@ import bisect
 import math
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
 
 from weightbridge import dtypes
-from weightbridge.errors import FormatError, SpecError
+from weightbridge.errors import FormatError, SpecError, WeightbridgeError
+from weightbridge.io._obstore import is_object_url
 from weightbridge.io._pickle import TensorRef, _BadPickle, _Global, _Inert, brief
-from weightbridge.io.base import BaseReader, ByteRange
+from weightbridge.io.base import BaseReader, ByteRange, open_source, source_join, source_listdir
 from weightbridge.io.torch import TorchReader
 from weightbridge.spec import MAX_NBYTES, CheckpointSpec, TensorSpec
 
@@ -88,38 +93,47 @@ def _natural(text: str) -> list[Any]:
     return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", text)]
 
 
-def _listing(directory: str, suffix: str) -> list[str]:
+def _names(directory: str) -> list[str]:
+    """What a local directory or an object-store prefix holds; empty if it cannot be read."""
     try:
-        names = os.listdir(directory)
-    except OSError:
+        return source_listdir(directory)
+    except (OSError, WeightbridgeError):
         return []
-    return sorted((n for n in names if n.endswith(suffix)), key=_natural)
+
+
+def _listing(directory: str, suffix: str) -> list[str]:
+    return sorted((n for n in _names(directory) if n.endswith(suffix)), key=_natural)
 
 
 def _tag_directory(path: str) -> str | None:
-    """The directory holding the `.pt` files: `path` itself, or the tag `latest` names."""
-    if not os.path.isdir(path):
+    """The directory holding the `.pt` files: `path` itself, or the tag `latest` names. In an
+    object store, a prefix: its listing says which files are there."""
+    if is_object_url(path):
+        path = path.rstrip("/")
+    elif not os.path.isdir(path):
         return None
-    if _listing(path, OPTIM_SUFFIX):
+    names = _names(path)
+    if any(n.endswith(OPTIM_SUFFIX) for n in names):
         return path
-    latest = os.path.join(path, LATEST)
-    if not os.path.isfile(latest):
+    if LATEST not in names:
         return None
     try:
-        with open(latest, "rb") as f:
+        with open_source(source_join(path, LATEST)) as f:
             raw = f.read(_MAX_TAG_BYTES + 1)
         tag = raw.decode("utf-8").strip()
-    except (OSError, UnicodeDecodeError):
+    except (OSError, UnicodeDecodeError, WeightbridgeError):
         return None
     if len(raw) > _MAX_TAG_BYTES or not tag or "/" in tag or "\\" in tag or tag in (".", ".."):
         return None
-    inner = os.path.join(path, tag)
+    inner = source_join(path, tag)
     return inner if _listing(inner, OPTIM_SUFFIX) else None
 
 
 def detect(path: str, head: bytes) -> bool:
     """True for a ZeRO checkpoint directory: `*_optim_states.pt` and `*_model_states.pt` files,
     or a ``latest`` file naming a subdirectory with them."""
+    if is_object_url(path) and head:  # an object, not a prefix: no listing needed to say no
+        return False
     found = _tag_directory(path)
     return found is not None and bool(_listing(found, MODEL_SUFFIX))
 
@@ -217,7 +231,7 @@ class ZeroReader(BaseReader):
     # -- opening --------------------------------------------------------------------------
 
     def _torch(self, name: str) -> tuple[int, Any]:
-        reader = TorchReader(os.path.join(self.path, name), extra_globals=ZERO_GLOBALS)
+        reader = TorchReader(source_join(self.path, name), extra_globals=ZERO_GLOBALS)
         self._files.append(reader)
         return len(self._files) - 1, reader.pickled
 
@@ -225,7 +239,7 @@ class ZeroReader(BaseReader):
         optim_names = _listing(self.path, OPTIM_SUFFIX)
         model_names = _listing(self.path, MODEL_SUFFIX)
         other = [n for n in optim_names + model_names if re.search(r"mp_rank_(?!00_)\d+", n)]
-        if other or any(n.startswith("layer_") for n in os.listdir(self.path)):
+        if other or any(n.startswith("layer_") for n in _names(self.path)):
             raise FormatError(
                 f"{self.path}: a model- or pipeline-parallel ZeRO checkpoint ({(other or ['layer_*'])[0]}); "
                 "weightbridge reads data-parallel ones (mp_rank_00 only), as zero_to_fp32 does. "
@@ -439,7 +453,13 @@ class ZeroReader(BaseReader):
     # -- reading --------------------------------------------------------------------------
 
     def _piece_array(self, piece: _Piece) -> np.ndarray:
-        whole = self._files[piece.file].read_ref(piece.ref, piece.what)
+        ref, file = piece.ref, self._files[piece.file]
+        if piece.count != math.prod(ref.shape) and _c_contiguous(ref):
+            # Only the piece's elements: a view of the same storage, so from an object store
+            # one ranged read fetches them, never the rank's whole fp32 partition.
+            part = replace(ref, offset=ref.offset + piece.start, shape=(piece.count,), stride=(1,))
+            return file.read_ref(part, piece.what)
+        whole = file.read_ref(ref, piece.what)
         return whole.reshape(-1)[piece.start : piece.start + piece.count]
 
     def read(self, name: str) -> np.ndarray:
@@ -485,11 +505,21 @@ class ZeroReader(BaseReader):
             self._release_piece(p)
 
     def files(self) -> list[str]:
-        return [f.path for f in self._files]
+        return [path for f in self._files for path in f.files()]
 
     def close(self) -> None:
         for f in self._files:
             f.close()
+
+
+def _c_contiguous(ref: TensorRef) -> bool:
+    """Whether a tensor's elements are its storage's, in C order (dimensions of size 1 aside)."""
+    step = 1
+    for d, s in zip(reversed(ref.shape), reversed(ref.stride), strict=True):
+        if d != 1 and s != step:
+            return False
+        step *= d
+    return True
 
 
 def _first(pieces: list[_Piece], n: int) -> list[_Piece]:

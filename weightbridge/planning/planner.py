@@ -113,7 +113,8 @@ def make_plan(
             that casts such a weight is refused (see `weightbridge.planning.dequantize`).
 
     Raises:
-        PlanError: unpaired tensors (both sides listed, with shapes) or ops that do not fit.
+        PlanError: unpaired tensors (both sides listed, with shapes) or ops that do not fit;
+            `rules` without a target.
         MatchError: the matcher refused to pair without guessing.
 
     >>> src = CheckpointSpec.of([TensorSpec("fc.weight", (4, 3), "F32")])
@@ -122,6 +123,14 @@ def make_plan(
     ---------  -----  -----  ---------  ---
     fc.kernel  3x4    F32    fc.weight  permute(1,0)
     """
+    if rules and target is None:
+        first = next(iter(rules))
+        raise PlanError(
+            f"{len(rules)} rule(s) (e.g. target {first!r}) were given without a target, and "
+            "rules pick each target tensor's source: pass the target (target=, --like "
+            "model.safetensors or a spec JSON), or use renames for a conversion without one; a "
+            "rules file with source_ops makes its own target (rules_file=NAME, --rules NAME)"
+        )
     with _gc_paused():
         pairs = fp8.scaled_weights(source)
         others = fp8.other_scaled(source, pairs)

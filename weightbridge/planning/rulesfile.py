@@ -334,7 +334,7 @@ def read_hf_config(folder: str) -> tuple[dict[str, Any] | None, str | None]:
 
 def resolve_params(
     path: str | os.PathLike[str],
-    given: Mapping[str, str],
+    given: Mapping[str, str | int],
     config: Mapping[str, Any] | None = None,
     config_path: str | None = None,
 ) -> dict[str, int]:
@@ -355,6 +355,8 @@ def resolve_params(
     values: dict[str, int] = {}
     for name, text in given.items():
         try:
+            if isinstance(text, bool) or not isinstance(text, (str, int)):
+                raise ValueError(text)
             values[name] = int(text)
         except ValueError:
             raise RuleError(
@@ -383,7 +385,7 @@ def resolve_params(
     for name, p in declared.items():
         if name not in values:
             about = f" ({p.help})" if p.help else ""
-            how = f"pass --rules-param {name}=N"
+            how = f"pass --rules-param {name}=N (Python: rules_params={{{name!r}: N}})"
             if p.config is not None:
                 how += f", or convert from a Hugging Face folder whose config.json has {p.config!r}"
                 if config_path is not None:
@@ -520,3 +522,48 @@ def expand_source_ops(
                 original_key=t.name.replace("\\", "\\\\"), ops=tuple(ops)
             )
     return Expansion(transforms, CheckpointSpec.of(out))
+
+
+@dataclass(frozen=True, slots=True)
+class RulesFilePlanning:
+    """What a rules file gives `make_plan`: its renames (before the caller's), its rules (the
+    expanded source ops', the file's own ``rules``, then the caller's) and the target (the
+    caller's, else, for a file with source ops, what its renames and ops make of the source)."""
+
+    renames: list[Rename]
+    rules: dict[str, Any]
+    target: CheckpointSpec | None
+
+
+def planning_of(
+    path: str | os.PathLike[str],
+    source: CheckpointSpec,
+    *,
+    renames: Sequence[Rename] = (),
+    rules: Mapping[str, Any] | None = None,
+    params: Mapping[str, str | int] | None = None,
+    target: CheckpointSpec | None = None,
+    config: Mapping[str, Any] | None = None,
+    config_path: str | None = None,
+) -> RulesFilePlanning:
+    """A rules file (a path, or the name of a shipped one) applied to `source` for `make_plan`.
+
+    `params` are the numbers its source ops need (``--rules-param``), else they come from
+    `config` (the source folder's ``config.json``, see `read_hf_config`), else from defaults.
+
+    Raises:
+        RuleError: a bad rules file, parameter or op (the message says which and what to pass).
+    """
+    all_renames = [*load_renames(path), *renames]
+    own: dict[str, Any] = dict(load_transforms(path))
+    if not params and not has_source_ops(path):
+        return RulesFilePlanning(all_renames, {**own, **(rules or {})}, target)
+    values = resolve_params(path, params or {}, config, config_path)
+    expansion = expand_source_ops(
+        path, source, renames=all_renames, params=values, whole=target is None
+    )
+    return RulesFilePlanning(
+        all_renames,
+        {**expansion.transforms, **own, **(rules or {})},
+        expansion.target if target is None else target,
+    )

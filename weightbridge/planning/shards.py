@@ -9,10 +9,12 @@ imports the format modules.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from weightbridge.errors import ConversionError
 from weightbridge.plan import Plan, Step
+from weightbridge.spec import TensorSpec
 
 # Hugging Face's default shard limit; a tensor larger than the limit gets a shard of its own.
 DEFAULT_MAX_SHARD_SIZE = 5 * 10**9
@@ -64,16 +66,28 @@ def assign_shards(
     *,
     suffix: str = ".safetensors",
     max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
+    stored_nbytes: Callable[[TensorSpec], int] | None = None,
 ) -> list[Shard]:
     """Split the plan's targets, in order, into shards of at most `max_shard_size` bytes.
 
     One shard is named ``model<suffix>``; several are ``model-00001-of-00003<suffix>``, ....
+    `stored_nbytes` gives the bytes the writer stores for a tensor when they are not its
+    spec's (a GGUF writer that quantizes; `weightbridge.io.stored_nbytes_of`): the caller
+    passes it, as nothing here knows the formats.
+
+    >>> from weightbridge.plan import Step
+    >>> steps = tuple(Step(TensorSpec(n, (10,), "F32"), (n,), ()) for n in "abc")
+    >>> plan = Plan(steps, "")
+    >>> [len(s.steps) for s in assign_shards(plan, max_shard_size=80)]
+    [2, 1]
+    >>> [len(s.steps) for s in assign_shards(plan, max_shard_size=80, stored_nbytes=lambda t: 20)]
+    [3]
     """
     limit = parse_size(max_shard_size)
     groups: list[list[Step]] = []
     size = 0
     for step in plan.steps:
-        n = step.target.nbytes
+        n = step.target.nbytes if stored_nbytes is None else stored_nbytes(step.target)
         if not groups or (size + n > limit and groups[-1]):
             groups.append([])
             size = 0

@@ -155,6 +155,7 @@ def convert_batch(
             format=format,
             max_shard_size=max_shard_size,
             dest_options=dest_options,
+            metadata=metadata,
         )
 
         def open_one(i: int, stack: contextlib.ExitStack) -> _Job:
@@ -210,13 +211,21 @@ def _partition_batch(
     format: str,
     max_shard_size: int | str,
     dest_options: dict[str, Any] | None,
+    metadata: dict[str, str] | None = None,
 ) -> list[set[str] | None]:
     """For ``partition=(I, N)``: the shard names of each output that part I takes, balanced by
     bytes over the whole batch (a batch of single-shard checkpoints still splits N ways)."""
     if partition is None:
         return [None] * len(plans)
     layouts = [
-        layout(p, d, format=format, max_shard_size=max_shard_size, dest_options=dest_options)
+        layout(
+            p,
+            d,
+            format=format,
+            max_shard_size=max_shard_size,
+            dest_options=dest_options,
+            metadata=metadata,
+        )
         for p, d in zip(plans, dests, strict=True)
     ]
     flat = [(i, s) for i, shards in enumerate(layouts) for s in shards]

@@ -272,7 +272,8 @@ def open_job(
     plan.validate(reader.specs())
     suffix = wio.writer_class(format).suffix
     limit = _shard_limit(target, format, max_shard_size)
-    shards = assign_shards(plan, suffix=suffix, max_shard_size=limit)
+    sizes = wio.stored_nbytes_of(format, metadata)
+    shards = assign_shards(plan, suffix=suffix, max_shard_size=limit, stored_nbytes=sizes)
     outputs = [s.name for s in shards] + ([index_name(suffix)] if len(shards) > 1 else [])
     job = _job_id(plan, shards, format, metadata)
     if partition is None:
@@ -322,12 +323,14 @@ def layout(
     format: str,
     max_shard_size: int | str,
     dest_options: dict[str, Any] | None = None,
+    metadata: dict[str, str] | None = None,
 ) -> list[Shard]:
     """The shards a conversion of `plan` into `dest` writes (what `open_job` lays out)."""
     target = destination_for(dest, format=format, **(dest_options or {}))
     suffix = wio.writer_class(format).suffix
     limit = _shard_limit(target, format, max_shard_size)
-    return assign_shards(plan, suffix=suffix, max_shard_size=limit)
+    sizes = wio.stored_nbytes_of(format, metadata)
+    return assign_shards(plan, suffix=suffix, max_shard_size=limit, stored_nbytes=sizes)
 
 
 def _part_name(partition: tuple[int, int]) -> str:

@@ -95,19 +95,30 @@ def read_record(dest: Destination, job: str, shard: str) -> dict[str, Any] | Non
 
 
 def _shards(task: ShardTask) -> tuple[Plan, list[Shard]]:
-    suffix = wio.writer_class(task.format).suffix
     if isinstance(task.plan, Plan):
         return task.plan, assign_shards(
-            task.plan, suffix=suffix, max_shard_size=task.max_shard_size
+            task.plan,
+            suffix=wio.writer_class(task.format).suffix,
+            max_shard_size=task.max_shard_size,
+            stored_nbytes=wio.stored_nbytes_of(task.format, task.metadata),
         )
-    return _parsed(task.plan, suffix, task.max_shard_size)
+    metadata = tuple(sorted((task.metadata or {}).items()))
+    return _parsed(task.plan, task.format, task.max_shard_size, metadata)
 
 
 @functools.lru_cache(maxsize=8)
-def _parsed(plan_json: str, suffix: str, max_shard_size: int) -> tuple[Plan, list[Shard]]:
+def _parsed(
+    plan_json: str, format: str, max_shard_size: int, metadata: tuple[tuple[str, str], ...]
+) -> tuple[Plan, list[Shard]]:
     # A worker runs many tasks of one plan: parse it and lay out its shards once.
     plan = Plan.from_json(json.loads(plan_json))
-    return plan, assign_shards(plan, suffix=suffix, max_shard_size=max_shard_size)
+    shards = assign_shards(
+        plan,
+        suffix=wio.writer_class(format).suffix,
+        max_shard_size=max_shard_size,
+        stored_nbytes=wio.stored_nbytes_of(format, dict(metadata)),
+    )
+    return plan, shards
 
 
 def produce_shard(task: ShardTask) -> ShardRecord:
