@@ -14,25 +14,23 @@ planning can be held to headers and a conversion to each tensor's bytes once, as
 from __future__ import annotations
 
 import contextlib
-import email.utils
-import http.server
 import itertools
 import json
 import os
 import socket
 import subprocess
 import sys
-import threading
 import time
 import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import ml_dtypes
 import numpy as np
 import pytest
+from helpers import served_ranges, serving_ranges
 
 from weightbridge import api
 from weightbridge.io import _kvstore, _remote, detect_format, write_checkpoint
@@ -368,88 +366,7 @@ def test_gcs_endpoint_forms() -> None:
 # -- http(s):// ---------------------------------------------------------------------------------
 
 
-class _RangeHandler(http.server.BaseHTTPRequestHandler):
-    """Serves the files under `root` with HEAD and ranged GETs, counting the bytes it sends."""
-
-    root = Path()
-    # (path, first byte, end) of every body sent; each server gets its own list (`_serving`).
-    served: ClassVar[list[tuple[str, int, int]]] = []
-    lock: ClassVar[threading.Lock] = threading.Lock()
-
-    def _target(self) -> Path | None:
-        path = (self.root / urllib.parse.unquote(self.path.lstrip("/"))).resolve()
-        return path if path.is_file() and self.root.resolve() in path.parents else None
-
-    def _common_headers(self, path: Path) -> None:
-        stat = path.stat()
-        self.send_header("Accept-Ranges", "bytes")
-        self.send_header("ETag", f'"{stat.st_mtime_ns:x}-{stat.st_size:x}"')
-        self.send_header("Last-Modified", email.utils.formatdate(stat.st_mtime, usegmt=True))
-
-    def do_HEAD(self) -> None:
-        path = self._target()
-        if path is None:
-            self.send_error(404)
-            return
-        self.send_response(200)
-        self.send_header("Content-Length", str(path.stat().st_size))
-        self._common_headers(path)
-        self.end_headers()
-
-    def do_GET(self) -> None:
-        path = self._target()
-        if path is None:
-            self.send_error(404)
-            return
-        size = path.stat().st_size
-        first, last = 0, size - 1
-        wanted = self.headers.get("Range", "")
-        if wanted.startswith("bytes="):
-            a, _, b = wanted[len("bytes=") :].partition("-")
-            first, last = int(a), min(int(b) if b else last, last)
-            if first > last:
-                self.send_error(416)
-                return
-            self.send_response(206)
-            self.send_header("Content-Range", f"bytes {first}-{last}/{size}")
-        else:
-            self.send_response(200)
-        self.send_header("Content-Length", str(last - first + 1))
-        self._common_headers(path)
-        self.end_headers()
-        with open(path, "rb") as f:
-            f.seek(first)
-            data = f.read(last - first + 1)
-        # Recorded before it is sent: once a client has the bytes, the count includes them.
-        with self.lock:
-            self.served.append((self.path, first, first + len(data)))
-        self.wfile.write(data)
-
-    def log_message(self, *args: Any) -> None:
-        pass
-
-
-@contextlib.contextmanager
-def _serving(root: Path) -> Iterator[tuple[str, list[tuple[str, int, int]]]]:
-    """The range server on 127.0.0.1 for `root`: (base URL, the ranges it served)."""
-    served: list[tuple[str, int, int]] = []
-    handler = type("Handler", (_RangeHandler,), {"root": root, "served": served})
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        port = int(server.server_address[1])
-        _wait_for_port(port)
-        yield f"http://127.0.0.1:{port}", served
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=CHILD_TIMEOUT)
-
-
-def _ranges(served: list[tuple[str, int, int]]) -> list[tuple[str, int, int]]:
-    with _RangeHandler.lock:
-        return list(served)
+_serving, _ranges = serving_ranges, served_ranges
 
 
 def _bytes(ranges: list[tuple[str, int, int]]) -> int:

@@ -11,15 +11,12 @@ must end in a named error, never a hang (the generous timeouts only catch hangs)
 from __future__ import annotations
 
 import contextlib
-import email.utils
-import http.server
 import json
 import os
 import socket
 import subprocess
 import sys
 import textwrap
-import threading
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,7 +25,7 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 import pytest
-from helpers import moto_s3
+from helpers import moto_s3, serving_ranges
 from test_io_dcp import two_rank_checkpoint  # noqa: F401  (a fixture: DCP saved by two ranks)
 from test_io_tfcheckpoint import write_bundle
 
@@ -516,68 +513,12 @@ def test_missing_object_and_prefix(s3: tuple[str, Any]) -> None:
         api.inspect(f"s3://{BUCKET}/nothing/here.safetensors", endpoint=endpoint)
 
 
-class _RangeServer(http.server.BaseHTTPRequestHandler):
-    """A static file server that answers HEAD and ranged GETs, as a CDN or the Hub does."""
-
-    root = Path()
-
-    def _target(self) -> Path | None:
-        path = self.root / self.path.lstrip("/")
-        return path if path.is_file() else None
-
-    def _headers(self, path: Path) -> None:
-        stat = path.stat()
-        self.send_header("Accept-Ranges", "bytes")
-        self.send_header("ETag", f'"{stat.st_mtime_ns:x}-{stat.st_size:x}"')
-        self.send_header("Last-Modified", email.utils.formatdate(stat.st_mtime, usegmt=True))
-
-    def do_HEAD(self) -> None:
-        path = self._target()
-        if path is None:
-            self.send_error(404)
-            return
-        self.send_response(200)
-        self.send_header("Content-Length", str(path.stat().st_size))
-        self._headers(path)
-        self.end_headers()
-
-    def do_GET(self) -> None:
-        path = self._target()
-        if path is None:
-            self.send_error(404)
-            return
-        data = path.read_bytes()
-        first, last = 0, len(data) - 1
-        wanted = self.headers.get("Range", "")
-        if wanted.startswith("bytes="):
-            a, _, b = wanted[len("bytes=") :].partition("-")
-            first, last = int(a), min(int(b) if b else last, last)
-            self.send_response(206)
-            self.send_header("Content-Range", f"bytes {first}-{last}/{len(data)}")
-        else:
-            self.send_response(200)
-        self.send_header("Content-Length", str(last - first + 1))
-        self._headers(path)
-        self.end_headers()
-        self.wfile.write(data[first : last + 1])
-
-    def log_message(self, *args: Any) -> None:
-        pass
-
-
 @contextlib.contextmanager
 def _serving(root: Path) -> Iterator[str]:
-    """`_RangeServer` serving the files under `root` on 127.0.0.1; yields its base URL."""
-    handler = type("Handler", (_RangeServer,), {"root": root})
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=CHILD_TIMEOUT)
+    """A static file server on 127.0.0.1 that answers HEAD and ranged GETs, as a CDN or the Hub
+    does (`helpers.serving_ranges`); yields its base URL."""
+    with serving_ranges(root) as (base, _):
+        yield base
 
 
 def test_https_source(tmp_path: Path) -> None:
