@@ -23,7 +23,7 @@ from safetensors.numpy import save_file
 
 from weightbridge import api, cli, dtypes
 from weightbridge import io as wio
-from weightbridge.errors import FormatError, SpecError
+from weightbridge.errors import FormatError, SpecError, VerifyError
 from weightbridge.io import gguf as gg
 from weightbridge.plan import Plan
 from weightbridge.spec import TensorSpec
@@ -511,3 +511,106 @@ def test_the_writer_refuses_a_split_name_without_the_tensor_count(tmp_path: Path
     fields = _fields(tmp_path / "x.gguf")
     assert fields["split.no"][1] == [np.uint16(1).tobytes()]
     assert fields["split.tensors.count"][1] == [np.int32(7).tobytes()]
+
+
+def _stored_sizes(path: Path) -> int:
+    """The bytes of tensor data a GGUF file holds, as gguf-py reads its header."""
+    return sum(int(t.n_bytes) for t in gguf.GGUFReader(str(path)).tensors)
+
+
+@pytest.mark.parametrize(("qname", "split"), [("Q8_0", False), ("Q4_0", False), ("Q8_0", True)])
+def test_verify_checks_quantized_tensors_exactly_and_finds_a_flipped_byte(
+    tmp_path: Path, qname: str, split: bool, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _llama(tmp_path / "src.safetensors")
+    src, out = str(tmp_path / "src.safetensors"), tmp_path / "out"
+    options: dict[str, Any] = {"max_shard_size": 12_000} if split else {}
+    report = api.convert(src, str(out), format="gguf", dtype=qname.lower(), **options)
+    assert (len(report.shards) > 1) == split
+    assert api.verify(src, str(out)) == len(LLAMA)
+    assert cli.main(["verify", src, str(out)]) == 0
+    assert f"verified {len(LLAMA)} tensors" in capsys.readouterr().out
+    # One byte of a quantized tensor's blocks flipped: that tensor, and only it, is reported.
+    victim, where = next(
+        (out / name, t)
+        for name in report.shards
+        for t in gguf.GGUFReader(str(out / name)).tensors
+        if t.name == "blk.0.attn_q.weight"
+    )
+    assert where.tensor_type == G[qname]
+    pristine = victim.read_bytes()
+    data = bytearray(pristine)
+    data[int(where.data_offset) + where.n_bytes - 3] ^= 0x10  # a quant of the last block
+    victim.write_bytes(bytes(data))
+    with pytest.raises(VerifyError) as e:
+        api.verify(src, str(out))
+    text = str(e.value)
+    assert "1 tensor(s) differ" in text, text
+    assert "blk.0.attn_q.weight: values differ from the source ['blk.0.attn_q.weight'] " in text
+    assert f"quantized to {qname} and back: 1 of 4096 elements differ" in text, text
+    assert cli.main(["verify", src, str(out)]) == 2
+    assert "blk.0.attn_q.weight" in capsys.readouterr().err
+    victim.write_bytes(pristine)
+    assert api.verify(src, str(out)) == len(LLAMA)
+
+
+def test_verify_reports_q8_0_blocks_that_dequantize_the_same_and_a_wrong_type(
+    tmp_path: Path,
+) -> None:
+    """A Q8_0 block whose scale is 0 dequantizes to zeros whatever its quants: the stored
+    blocks are compared too. A tensor stored in another type than the plan's rule gives it
+    is reported by its GGML type."""
+    _llama(tmp_path / "src.safetensors")
+    src, out = str(tmp_path / "src.safetensors"), tmp_path / "out"
+    api.convert(src, str(out), format="gguf", dtype="q8_0")
+    tensors = _tensors(out / "model.gguf")
+    embd = tensors["token_embd.weight"]  # its first block is all zeros: scale 0
+    assert embd.tensor_type == G.Q8_0
+    data = bytearray((out / "model.gguf").read_bytes())
+    assert data[int(embd.data_offset) : int(embd.data_offset) + 34] == bytes(34)
+    data[int(embd.data_offset) + 2] ^= 0x01  # quant 0 -> 1, times scale 0: +0.0 still
+    (out / "model.gguf").write_bytes(bytes(data))
+    with pytest.raises(VerifyError, match=r"token_embd\.weight: the stored Q8_0 blocks differ"):
+        api.verify(src, str(out))
+    # The same output checked against a plan that quantizes to Q4_0: every quantized tensor
+    # is the wrong type, named as stored.
+    plan = Plan.load(str(out / ".weightbridge-plan.json"))
+    q4 = gg.with_outtype(plan, "Q4_0")
+    with pytest.raises(VerifyError, match=r"3 tensor\(s\) differ") as e:
+        api.verify(src, str(out), plan=q4)
+    assert "blk.0.attn_q.weight: output has (64, 64) Q8_0, plan makes (64, 64) Q4_0" in str(e.value)
+
+
+@pytest.mark.parametrize("executor", [None, "processes:1"])
+def test_bytes_written_and_the_progress_bar_count_the_bytes_stored(
+    tmp_path: Path, executor: str | None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Quantized to Q8_0 a tensor takes 34/64 of its BF16 bytes: the report, the progress bar
+    and the free-space check (`convert.job_bytes`) count what is written, not the tensors
+    before quantization."""
+    _llama(tmp_path / "src.safetensors")
+    src, out = str(tmp_path / "src.safetensors"), tmp_path / "out"
+    plan = api.plan(src, dtype="q8_0")
+    report = api.convert(
+        src,
+        str(out),
+        plan=plan,
+        format="gguf",
+        dtype="q8_0",
+        max_shard_size=12_000,
+        progress=True,
+        executor=executor,
+    )
+    stored = sum(_stored_sizes(out / name) for name in report.shards)
+    assert report.bytes_written == stored < plan.target.nbytes
+    bar = capsys.readouterr().err.replace("\r", "\n").splitlines()
+    last = [line for line in bar if line.startswith("convert: 100%")][-1]
+    total = f"{stored / 1000:.1f}k"
+    assert f"{total}/{total}" in last, last
+    # A rerun that resumes counts only the shard it rewrites.
+    os.remove(out / report.shards[0])
+    again = api.convert(
+        src, str(out), plan=plan, format="gguf", dtype="q8_0", max_shard_size=12_000
+    )
+    assert again.written == [report.shards[0]]
+    assert again.bytes_written == _stored_sizes(out / report.shards[0])

@@ -646,6 +646,50 @@ def with_outtype(plan: Plan, outtype: str) -> Plan:
     return Plan(tuple(steps), plan.source_fingerprint, dict(plan.unused), notes)
 
 
+_OUTTYPE_NOTE = re.compile(r"^quantize: GGUF (\w+): ")
+
+
+def outtype_of_plan(plan: Plan) -> str | None:
+    """The type `with_outtype` made `plan` for (its ``quantize`` note, which the plan file
+    keeps), else None: what `weightbridge verify` expects a GGUF output's tensors stored as.
+
+    >>> from weightbridge.spec import CheckpointSpec
+    >>> plain = Plan.build(CheckpointSpec(()), [])
+    >>> outtype_of_plan(with_outtype(plain, "Q4_0")), outtype_of_plan(plain)
+    ('Q4_0', None)
+    """
+    for note in plan.notes:
+        m = _OUTTYPE_NOTE.match(note.text) if note.kind == "quantize" else None
+        if m and m.group(1) in QUANTIZERS:
+            return m.group(1)
+    return None
+
+
+def requantized(outtype: str, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """What a GGUF writer quantizing to `outtype` stores for `values` (its blocks, as
+    `GgufReader.stored_bytes` reads them) and what a reader then gives (dequantized, F32, in
+    `values`' shape): quantized from float32 and dequantized again, tile by tile, by the
+    writer's and the reader's own kernels, so both are bit-exact.
+
+    >>> x = np.zeros((1, 32), np.float32); x[0, :3] = [127, -3.5, 2.5]  # scale 1
+    >>> blocks, back = requantized("Q8_0", x)
+    >>> blocks.shape, back.shape, back[0, :3].tolist()
+    ((34,), (1, 32), [127.0, -4.0, 3.0])
+    """
+    kind = BY_NAME[outtype]
+    flat = values.reshape(-1)
+    blocks = np.empty(flat.size // kind.block_size * kind.type_size, np.uint8)
+    back = np.empty(flat.size, np.float32)
+    with np.errstate(all="ignore"):  # a NaN or infinite value quantizes as the writer's did
+        for start in range(0, flat.size, _TILE_ELEMENTS):
+            part = quantize_blocks(kind, flat[start : start + _TILE_ELEMENTS].astype(np.float32))
+            part = part.reshape(-1)
+            at = start // kind.block_size * kind.type_size
+            blocks[at : at + part.size] = part
+            back[start : start + _TILE_ELEMENTS] = dequantize(kind, part)
+    return blocks, back.reshape(values.shape)
+
+
 # --------------------------------------------------------------------------------------------
 # Writing.
 

@@ -151,6 +151,13 @@ class ShardedReader(BaseReader):
             raise self._missing(name)
         return self._where[name].read(name)
 
+    def part(self, name: str) -> Reader:
+        """The reader of the file that holds tensor `name` (for what only its format knows,
+        such as a GGUF tensor's stored type)."""
+        if name not in self._where:
+            raise self._missing(name)
+        return self._where[name]
+
     def byte_range(self, name: str) -> ByteRange | None:
         return self._where[name].byte_range(name)
 

@@ -38,7 +38,9 @@ import time
 from collections.abc import Callable, Collection, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
+
+import numpy as np
 
 from weightbridge import io as wio
 from weightbridge._files import is_url
@@ -218,8 +220,9 @@ def convert(
                 partition=partition,
             )
             skipped = set(job.report.skipped)
-            done = sum(s.nbytes for s in job.shards if s.name in skipped)
-            total = plan.target.nbytes if partition is None else done + job_bytes(job)
+            done = sum(stored_bytes(job, s) for s in job.shards if s.name in skipped)
+            everything = sum(stored_bytes(job, s) for s in job.shards)
+            total = everything if partition is None else done + job_bytes(job)
             bar = _progress_bar(total, done, progress)
             try:
                 if is_in_process(executor):
@@ -244,7 +247,15 @@ def convert(
 
 def job_bytes(job: _Job) -> int:
     """Bytes this run of `job` still has to write."""
-    return sum(s.nbytes for s in job.todo)
+    return sum(stored_bytes(job, s) for s in job.todo)
+
+
+def stored_bytes(job: _Job, shard: Shard) -> int:
+    """The bytes `shard`'s writer stores: its tensors' own, or what a writer that stores
+    others stores (a quantized GGUF: `weightbridge.io.stored_nbytes_of`). The report, the
+    progress bar and the free-space check count these."""
+    sizes = wio.stored_nbytes_of(job.format, job.metadata)
+    return shard.nbytes if sizes is None else sum(sizes(s.target) for s in shard.steps)
 
 
 def open_job(
@@ -296,8 +307,7 @@ def open_job(
     done = _committed_shards(journal, mine, job)
     todo = [s for s in mine if s.name not in done]
     report.skipped = [s.name for s in mine if s.name in done]
-    _check_space(target, sum(s.nbytes for s in todo))
-    return _Job(
+    prepared = _Job(
         plan,
         reader,
         target,
@@ -314,6 +324,8 @@ def open_job(
         dest,
         dict(dest_options or {}),
     )
+    _check_space(target, job_bytes(prepared))
+    return prepared
 
 
 def layout(
@@ -363,7 +375,7 @@ def _produce_here(job: _Job, on_bytes: Callable[[int], object] | None, keep_cach
                 # Its own record, no shared file: parts of a partitioned run write at once.
                 journal.record(shard.name, size, digest)
                 report.written.append(shard.name)
-                report.bytes_written += shard.nbytes
+                report.bytes_written += stored_bytes(job, shard)
 
         try:
             for shard in job.todo:
@@ -424,7 +436,7 @@ def tasks_of(job: _Job) -> list[ShardTask]:
             job.limit,
             index[s.name],
             s.name,
-            s.nbytes,
+            stored_bytes(job, s),
             job.job,
             job.metadata,
             job.dest_options,
@@ -624,6 +636,26 @@ def _check_space(dest: Destination, needed: int) -> None:
         )
 
 
+def _part(out: Reader, name: str) -> Reader:
+    """The reader of the file holding `name` (an index's shard), else `out` itself."""
+    part = getattr(out, "part", None)
+    return out if part is None else cast(Reader, part(name))
+
+
+def _stored_dtype(out: Reader, name: str, dtype: str) -> str:
+    """The type `out` stores tensor `name` as: a GGUF's GGML type (``Q8_0``) for a quantized
+    one, which its reader gives dequantized as `dtype`; else `dtype`."""
+    info = getattr(_part(out, name), "tensor_info", None)
+    kind = info(name).kind if info is not None else None
+    return kind.name if kind is not None and kind.quantized else dtype
+
+
+def _stored_bytes(out: Reader, name: str) -> Any:
+    """Tensor `name`'s bytes as `out` stores them (a GGUF reader's `stored_bytes`)."""
+    part = _part(out, name)
+    return getattr(part, "stored_bytes", part.read)(name)
+
+
 def _progress_bar(total: int, initial: int, enabled: bool) -> Any:
     if not enabled:
         return None
@@ -651,9 +683,14 @@ def verify(
 
     Returns the number of tensors checked. Raises VerifyError naming the first tensors that differ.
     """
+    from weightbridge.io import gguf
+
     reader, owned = _open_source(source)
     try:
         plan.validate(reader.specs())
+        # A plan made for a quantized GGUF (``--dtype q8_0``): tensors the writer quantizes
+        # are expected as the source through the plan, quantized and dequantized again.
+        outtype = gguf.outtype_of_plan(plan)
         target = destination_for(dest, **(dest_options or {}))
         with target.open_reader() as out:
             have = out.specs()
@@ -664,23 +701,36 @@ def verify(
                     bad.append(f"{name}: missing from the output")
                     continue
                 got = out.read(name)
-                if have[name] != step.target:
+                quantized = (
+                    outtype is not None and gguf.stored_type(step.target, outtype) == outtype
+                )
+                kind = outtype if outtype is not None and quantized else step.target.dtype
+                found = _stored_dtype(out, name, have[name].dtype)
+                if (have[name].shape, found) != (step.target.shape, kind):
                     bad.append(
-                        f"{name}: output has {have[name].shape} {have[name].dtype}, plan makes "
-                        f"{step.target.shape} {step.target.dtype}"
+                        f"{name}: output has {have[name].shape} {found}, plan makes "
+                        f"{step.target.shape} {kind}"
                     )
                     continue
                 want = compute([reader.read(s) for s in step.sources], step.ops, step.target)
+                blocks = None
+                if quantized:
+                    blocks, want = gguf.requantized(kind, want)
                 if got.tobytes() != want.tobytes():
                     how = compare_values(got, want)  # the comparison `diff` makes, untolerant
                     bad.append(
                         f"{name}: values differ from the source {list(step.sources)} through the "
-                        "plan: "
+                        + (f"plan, quantized to {kind} and back: " if quantized else "plan: ")
                         + (
                             how.describe("output", "source")
                             if how
                             else "bytes only (signed zeros or NaN payloads)"
                         )
+                    )
+                elif blocks is not None and not np.array_equal(_stored_bytes(out, name), blocks):
+                    bad.append(
+                        f"{name}: the stored {kind} blocks differ from the source's through the "
+                        "plan, though they dequantize to the same values (a zero or NaN scale)"
                     )
                 out.release(name)
                 for s in step.sources:

@@ -308,20 +308,22 @@ def _fill_in_order(
                 if isinstance(item, Tile):
                     stored = writer.write(item.name, item.data, item.row)
                     sums.put(item.data if stored is None else stored)
-                    if on_bytes:
-                        on_bytes(item.data.nbytes)
+                    if on_bytes:  # the bytes stored, as the bar's total (`convert.stored_bytes`)
+                        on_bytes(item.data.nbytes if stored is None else stored.nbytes)
                 elif isinstance(item, ByteCopy):
                     target = item.step.target
                     stored = None
+                    stored_nbytes = 0
                     if not writer.copy_from(target.name, item.source):
                         for row, tile in tiles(item.view.reshape(target.shape), target):
                             stored = writer.write(target.name, tile, row)
                             if stored is not None:  # other bytes than the tile's (quantized)
                                 sums.put(stored)
+                                stored_nbytes += stored.nbytes
                     if stored is None:
                         sums.put(item.view)
                     if on_bytes:
-                        on_bytes(target.nbytes)
+                        on_bytes(target.nbytes if stored is None else stored_nbytes)
                 elif isinstance(item, Release):
                     _release(reader, item.step, readahead)
         except BaseException as e:  # handed to the producer, which re-raises it
