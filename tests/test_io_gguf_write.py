@@ -8,6 +8,7 @@ wrote keep their types and values, and a split set equals, byte for byte, the on
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -235,6 +236,10 @@ def test_split_set_equals_gguf_py_split_writer_byte_for_byte(
     )
     n = len(report.shards)
     assert n >= 3 if dtype is None else n == 2  # 160 KB of F32, 42.5 KB of Q8_0
+    # The index's total_size is the tensor bytes stored, as gguf-py reads the files.
+    index = json.loads((out / "model.gguf.index.json").read_text())
+    stored = sum(_stored_sizes(out / name) for name in report.shards)
+    assert index["metadata"]["total_size"] == stored == report.bytes_written
     assert report.shards == [f"model-{i:05d}-of-{n:05d}.gguf" for i in range(1, n + 1)]
     # gguf-py writes the same tensors, in the same order, with the same key-values.
     with wio.open_reader(str(out)) as r:

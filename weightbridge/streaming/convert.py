@@ -499,7 +499,10 @@ def finish_job(job: _Job) -> None:
         weight_map = {st.target.name: s.name for s in job.shards for st in s.steps}
         target.write_json(
             index_name(suffix),
-            {"metadata": {"total_size": job.plan.target.nbytes}, "weight_map": weight_map},
+            {
+                "metadata": {"total_size": sum(stored_bytes(job, s) for s in job.shards)},
+                "weight_map": weight_map,
+            },
         )
     # The destination finalizes (orbax/zarr: its top-level metadata) once, and only then does
     # the journal say so.
