@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import shutil
 import socket
 import subprocess
 import sys
@@ -436,3 +437,94 @@ def test_a_key_named_stacked_whose_chunks_span_layers_is_read_as_stored(tmp_path
         assert "read as stored" in r.specs().metadata["megatron.stacked.decoder.layers.w"]
         _same_bits(r.read("decoder.layers.w"), w)
         assert r.specs().metadata["megatron.common"] == "no common.pt"
+
+
+def _save_directory(root: Path, ck: Path, tracker: bytes, iterations: list[str]) -> Path:
+    """Megatron-LM's ``--save`` directory around real mcore-written iteration folders: one
+    folder per iteration and ``latest_checkpointed_iteration.txt`` naming the newest."""
+    root.mkdir()
+    for name in iterations:
+        shutil.copytree(ck, root / name)
+    (root / megatron.TRACKER).write_bytes(tracker)
+    return root
+
+
+@pytest.mark.megatron
+@pytest.mark.parametrize(
+    ("tracker", "folder"), [(b"100\n", "iter_0000100"), (b"release", "release")]
+)
+def test_the_save_directory_reads_the_iteration_its_tracker_names(
+    written: dict[str, Path], tmp_path: Path, tracker: bytes, folder: str
+) -> None:
+    from safetensors.numpy import load_file
+
+    from weightbridge.cli import main
+
+    ck = written["tp2"] / "ck"
+    root = _save_directory(tmp_path / "ckpt", ck, tracker, ["iter_0000050", folder])
+    # the older iteration is damaged: reading it would fail, so the tracker's is what is read
+    for f in (root / "iter_0000050").glob("*.distcp"):
+        f.write_bytes(b"")
+    for p in (root, root / megatron.TRACKER):
+        assert wio.detect_format(str(p)) == "megatron", p
+    state, _ = _expected(written["tp2"])
+    with wio.open_reader(str(root)) as r:
+        assert f"reading {folder}" in r.specs().metadata["megatron.iteration"]
+        for name, t in state.items():
+            _same_bits(r.read(_shown_name(name)), t)
+    assert main(["convert", str(root), "-o", str(tmp_path / "out")]) == 0
+    got: dict[str, np.ndarray] = {}
+    for f in sorted((tmp_path / "out").glob("*.safetensors")):
+        got.update(load_file(str(f)))
+    assert sorted(got) == sorted(_shown_name(k) for k in state)
+
+
+@pytest.mark.megatron
+@pytest.mark.parametrize(
+    ("tracker", "found"),
+    [
+        (b"latest\n", "found 'latest'"),
+        (b"", "found ''"),
+        (b"\xff\xfe", "cannot read"),
+        (b"1" * 100, "more bytes follow"),
+        (b"200", "iter_0000200 is missing"),
+    ],
+)
+def test_a_missing_or_garbled_tracker_is_refused_naming_it(
+    written: dict[str, Path], tmp_path: Path, tracker: bytes, found: str
+) -> None:
+    root = _save_directory(tmp_path / "ckpt", written["tp2"] / "ck", tracker, ["iter_0000100"])
+    assert wio.detect_format(str(root)) == "megatron"
+    with pytest.raises(FormatError) as e:
+        wio.open_reader(str(root))
+    assert megatron.TRACKER in str(e.value) and found in str(e.value), e.value
+
+
+@pytest.mark.megatron
+def test_a_tracker_naming_a_legacy_iteration_says_it_is_not_torch_dist(
+    written: dict[str, Path], tmp_path: Path
+) -> None:
+    root = _save_directory(tmp_path / "ckpt", written["tp2"] / "ck", b"7", [])
+    (root / "iter_0000007" / "mp_rank_00").mkdir(parents=True)
+    with pytest.raises(FormatError, match="has no metadata.json.*legacy"):
+        wio.open_reader(str(root))
+
+
+@pytest.mark.megatron
+def test_the_save_directory_from_s3_reads_its_tracked_iteration(
+    written: dict[str, Path], tmp_path: Path
+) -> None:
+    from helpers import moto_s3
+
+    from weightbridge import api
+
+    root = _save_directory(tmp_path / "ckpt", written["tp2"] / "ck", b"100", ["iter_0000100"])
+    with moto_s3("megatron-save", endpoint_env=None, read_timeout=30) as (endpoint, client):
+        for f in sorted(p for p in root.rglob("*") if p.is_file()):
+            client.upload_file(str(f), "megatron-save", f"ckpt/{f.relative_to(root)}")
+        url = "s3://megatron-save/ckpt/"
+        with wio.remote_options(endpoint=endpoint):
+            assert wio.detect_format(url) == "megatron"
+        remote = api.inspect(url, endpoint=endpoint)
+    assert list(remote) == list(api.inspect(str(root / "iter_0000100")))
+    assert "reading iter_0000100" in remote.metadata["megatron.iteration"]

@@ -89,7 +89,10 @@ WRITE = textwrap.dedent(
             model = Net()
             config = {
                 "train_batch_size": 4 * world,
-                "zero_optimization": {"stage": stage},
+                # Parameters under 50 elements stay whole on every rank (DeepSpeed's default
+                # threshold, 1e5, would keep this whole tiny model so), the others partitioned:
+                # a ZeRO-3 module's state_dict() then mixes whole and placeholder tensors.
+                "zero_optimization": {"stage": stage, "stage3_param_persistence_threshold": 50},
                 "optimizer": {"type": "AdamW", "params": {"lr": 1e-2, "torch_adam": True}},
                 "bf16": {"enabled": bf16},
             }
@@ -103,6 +106,14 @@ WRITE = textwrap.dedent(
                 engine.backward(engine(x).float().sum())
                 engine.step()
             engine.save_checkpoint(os.path.join(out, name))
+            if rank == 0:
+                # What save_pretrained (Trainer._save) writes of a model's state_dict() when
+                # nothing gathers the ZeRO-3 partitions: each parameter an empty placeholder,
+                # each buffer whole; the tied head dropped as save_pretrained drops tied keys.
+                from safetensors.torch import save_file
+                state = {k: v for k, v in engine.module.state_dict().items() if k != "head.weight"}
+                save_file(state, os.path.join(out, name + ".trainer.safetensors"),
+                          metadata={"format": "pt"})
             torch.distributed.barrier()
 
     if __name__ == "__main__":
@@ -349,5 +360,101 @@ def test_converting_stays_within_the_largest_tensor(tmp_path: Path) -> None:
         f"peak {peak / MB:.0f} MB, base {baseline / MB:.0f}"
     )
     got = load_file(str(tmp_path / "o" / "model.safetensors"))
+    for name in order:
+        same_bits(got[name], want[name], name)
+
+
+# --- Hugging Face Trainer checkpoint folders --------------------------------------------------
+
+
+def _trainer_folder(checkpoints: Path, config: str, tmp_path: Path, weights: Path) -> Path:
+    """A Trainer ``checkpoint-N/`` folder: DeepSpeed's run (``latest``, ``global_stepN/``,
+    ``zero_to_fp32.py``) with the weights file and config beside it."""
+    folder = tmp_path / "checkpoint-2"
+    shutil.copytree(checkpoints / config, folder)
+    shutil.copyfile(weights, folder / "model.safetensors")
+    (folder / "config.json").write_text("{}")
+    return folder
+
+
+@pytest.mark.parametrize("config", ["s3_fp32", "s3_bf16"])
+def test_a_trainer_folder_with_placeholder_weights_reads_the_zero_run(
+    checkpoints: Path, tmp_path: Path, config: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    saved = checkpoints / f"{config}.trainer.safetensors"
+    hollow = load_file(str(saved))
+    assert hollow["fc1.weight"].size == 0 and hollow["shift"].size == 13  # what DeepSpeed left
+    folder = _trainer_folder(checkpoints, config, tmp_path, saved)
+    assert (folder / "zero_to_fp32.py").is_file()
+    tag = (folder / "latest").read_text().strip()
+    assert wio.weights_path(str(folder)) == str(folder / tag)
+    assert wio.detect_format(folder) == "zero"
+    order, want = expected(checkpoints, config)
+    notes = api.weights_notes(folder)
+    assert len(notes) == 1 and f"reading the ZeRO run {tag}" in notes[0], notes
+    # embed, fc1 and frozen weights were partitioned; the small ones and buffers stayed whole
+    assert "3 empty placeholder tensors of 11" in notes[0], notes
+    assert "'embed.weight' has 0 elements" in notes[0], notes
+    assert main(["inspect", str(folder)]) == 0
+    assert f"reading the ZeRO run {tag}" in capsys.readouterr().err
+    assert main(["convert", str(folder), "-o", str(tmp_path / "cli")]) == 0
+    assert "stage3_gather_16bit_weights_on_model_save" in capsys.readouterr().err
+    got = load_file(str(tmp_path / "cli" / "model.safetensors"))
+    assert sorted(got) == sorted(order)
+    for name in order:
+        same_bits(got[name], want[name], name)
+    # the hollow file itself is still read when named
+    assert wio.detect_format(folder / "model.safetensors") == "safetensors"
+
+
+def test_a_trainer_folder_with_complete_weights_keeps_them_and_names_the_run(
+    checkpoints: Path, tmp_path: Path
+) -> None:
+    # complete weights, as with stage3_gather_16bit_weights_on_model_save (or ZeRO 1-2)
+    folder = _trainer_folder(
+        checkpoints, "s3_fp32", tmp_path, checkpoints / "s3_fp32.expected.safetensors"
+    )
+    tag = (folder / "latest").read_text().strip()
+    assert wio.weights_path(str(folder)) == str(folder / "model.safetensors")
+    (note,) = api.weights_notes(folder)
+    assert "reading model.safetensors" in note, note
+    assert f"the DeepSpeed ZeRO run {tag}" in note and str(folder / tag) in note, note
+    assert wio.detect_format(folder / tag) == "zero"  # the way the note offers
+
+
+def test_a_trainer_folder_whose_weights_file_has_no_tensors_reads_the_zero_run(
+    checkpoints: Path, tmp_path: Path
+) -> None:
+    from safetensors.numpy import save_file
+
+    empty = tmp_path / "empty.safetensors"
+    save_file({}, str(empty), metadata={"format": "pt"})  # Trainer._save(state_dict={})
+    folder = _trainer_folder(checkpoints, "s2_bf16", tmp_path, empty)
+    (note,) = api.weights_notes(folder)
+    assert "model.safetensors holds no tensors" in note, note
+    assert wio.detect_format(folder) == "zero"
+
+
+def test_a_trainer_folder_in_s3_with_placeholder_weights_reads_the_zero_run(
+    checkpoints: Path, tmp_path: Path
+) -> None:
+    pytest.importorskip("moto.server")
+    from helpers import moto_s3
+
+    folder = _trainer_folder(
+        checkpoints, "s3_fp32", tmp_path, checkpoints / "s3_fp32.trainer.safetensors"
+    )
+    tag = (folder / "latest").read_text().strip()
+    order, want = expected(checkpoints, "s3_fp32")
+    with moto_s3("trainer", endpoint_env=None, read_timeout=30) as (endpoint, client):
+        for f in sorted(p for p in folder.rglob("*") if p.is_file()):
+            client.upload_file(str(f), "trainer", f"checkpoint-2/{f.relative_to(folder)}")
+        url = "s3://trainer/checkpoint-2/"
+        with wio.remote_options(endpoint=endpoint):
+            assert wio.weights_path(url) == f"s3://trainer/checkpoint-2/{tag}"
+            assert wio.detect_format(url) == "zero"
+        api.convert(url, tmp_path / "out", endpoint=endpoint)
+    got = load_file(str(tmp_path / "out" / "model.safetensors"))
+    assert sorted(got) == sorted(order)
     for name in order:
         same_bits(got[name], want[name], name)

@@ -86,6 +86,12 @@ COMMON_FILE = "common.pt"
 BACKEND = "torch_dist"
 # metadata.json is four short keys; anything this large is not mcore's.
 _MAX_CONFIG_BYTES = 1 << 16
+# Megatron-LM's save directory (``--save ckpt``) holds one folder per saved iteration
+# (``iter_0000100``, or ``release``) and this tracker naming the newest, as ZeRO's ``latest``.
+TRACKER = "latest_checkpointed_iteration.txt"
+RELEASE = "release"
+# The tracker holds an iteration number or "release"; a file of more bytes is not Megatron's.
+_MAX_TRACKER_BYTES = 64
 
 _T = TypeVar("_T")
 
@@ -93,7 +99,7 @@ _T = TypeVar("_T")
 def _names_a_file(path: str) -> bool:
     base = path.rstrip("/").rsplit("/", 1)[-1]
     # Not common.pt: named alone, it is a torch.save file (the torch format reads it).
-    return dcp._names_a_file(path) or base == CONFIG_FILE
+    return dcp._names_a_file(path) or base in (CONFIG_FILE, TRACKER)
 
 
 def _directory_of(path: str) -> str:
@@ -103,6 +109,48 @@ def _directory_of(path: str) -> str:
     if os.path.isdir(path):
         return path
     return os.path.dirname(path) or "."
+
+
+def _iteration_directory(directory: str) -> str:
+    """The torch_dist directory: `directory` itself, or, in Megatron-LM's save directory (no
+    ``metadata.json``, a ``latest_checkpointed_iteration.txt``), the iteration it names:
+    ``iter_{n:07d}`` for a number, ``release`` for "release", as Megatron-LM's
+    ``get_checkpoint_name`` builds it.
+
+    Raises:
+        FormatError: the tracker is unreadable or holds neither, or names a missing folder.
+    """
+    if source_isfile(source_join(directory, CONFIG_FILE)):
+        return directory
+    tracker = source_join(directory, TRACKER)
+    if not source_isfile(tracker):
+        return directory
+    try:
+        with open_source(tracker) as f:
+            raw = f.read(_MAX_TRACKER_BYTES + 1)
+        text = raw.decode("utf-8").strip()
+    except (OSError, UnicodeDecodeError) as e:
+        raise FormatError(
+            f"{tracker}: cannot read Megatron-LM's iteration tracker ({e}); point at the "
+            "iteration folder (iter_NNNNNNN or release) instead"
+        ) from e
+    if len(raw) > _MAX_TRACKER_BYTES or not (text == RELEASE or text.isdigit()):
+        raise FormatError(
+            f"{tracker}: Megatron-LM's iteration tracker should hold an iteration number or "
+            f"'{RELEASE}', found {brief(text[:_MAX_TRACKER_BYTES])}"
+            f"{' (more bytes follow)' if len(raw) > _MAX_TRACKER_BYTES else ''}; point at the "
+            "iteration folder (iter_NNNNNNN or release) instead"
+        )
+    name = RELEASE if text == RELEASE else f"iter_{int(text):07d}"
+    inner = source_join(directory, name)
+    if not source_isfile(source_join(inner, CONFIG_FILE)):
+        what = "is missing" if not source_isdir(inner) else f"has no {CONFIG_FILE}"
+        raise FormatError(
+            f"{tracker} names iteration {text!r}, but {inner} {what}: not a torch_dist "
+            "checkpoint (the legacy per-rank mp_rank_*/model_optim_rng.pt layout is not "
+            "read); point at an iteration folder that holds metadata.json"
+        )
+    return inner
 
 
 def _read_config(directory: str) -> dict[str, Any]:
@@ -133,14 +181,16 @@ def _read_config(directory: str) -> dict[str, Any]:
 
 def detect(path: str, head: bytes) -> bool:
     """True for a directory (or a file inside one) whose `metadata.json` names a Megatron
-    dist_checkpointing backend."""
+    dist_checkpointing backend, or for Megatron-LM's save directory: a
+    ``latest_checkpointed_iteration.txt`` (whose iteration the reader opens, or refuses
+    naming what is wrong)."""
     try:
         if not (_names_a_file(path) or source_isdir(path)):
             return False
         directory = _directory_of(path)
         # One stat (one request in an object store); no listing, which https cannot do.
         if not source_isfile(source_join(directory, CONFIG_FILE)):
-            return False
+            return source_isfile(source_join(directory, TRACKER))
         _read_config(directory)
     except (OSError, WeightbridgeError):
         return False
@@ -204,7 +254,8 @@ class MegatronReader(dcp.DcpReader):
     experts split back into the model's per-layer tensors."""
 
     def __init__(self, path: str) -> None:
-        directory = _directory_of(os.fspath(path))
+        parent = _directory_of(os.fspath(path))
+        directory = _iteration_directory(parent)
         config = _read_config(directory)
         backend = config["sharded_backend"]
         if backend != BACKEND:
@@ -244,6 +295,11 @@ class MegatronReader(dcp.DcpReader):
                 s = self._slices.get(t.name)
                 ordered.append((group, s.index if s else (), pos, t))
         tensors = [t for *_, t in sorted(ordered, key=lambda o: o[:3])]
+        if directory != parent:
+            meta["megatron.iteration"] = (
+                f"reading {directory.rstrip('/').rsplit('/', 1)[-1]}, the iteration "
+                f"{TRACKER} names in {parent}"
+            )
         self._read_common(directory, meta)
         try:
             self._shown = CheckpointSpec(tuple(tensors), meta)
