@@ -141,12 +141,7 @@ def load_transforms(path: str | os.PathLike[str]) -> dict[str, Transform]:
             raise RuleError(
                 f"{label} must be an object with a 'target' regex, found {reprlib.repr(rule)}"
             )
-        try:
-            re.compile(rule["target"])
-        except re.error as e:
-            raise RuleError(
-                f"{label}: target {rule['target']!r} is not a valid regular expression ({e})"
-            ) from e
+        _check_regex(rule["target"], f"{label}: target")
         unknown = set(rule) - {"target", "source", "ops", "split", "fallback"}
         if unknown:
             raise RuleError(
@@ -219,6 +214,15 @@ def load_renames(path: str | os.PathLike[str]) -> list[Rename]:
 
 
 # --- parameters and source ops (rules that need numbers the shapes do not tell) -------------
+
+
+def _check_regex(pattern: str, what: str) -> None:
+    """Refuse a rules file's regex that does not compile, naming where it is."""
+    try:
+        re.compile(pattern)
+    except re.error as e:
+        raise RuleError(f"{what} {pattern!r} is not a valid regular expression ({e})") from e
+
 
 _SHAPE_REF = re.compile(r"shape\[(-?\d+)\]")
 
@@ -303,12 +307,7 @@ def load_source_ops(path: str | os.PathLike[str]) -> list[SourceOps]:
                 f'{label} must be an object {{"source": REGEX, "ops": [...]}}, found '
                 f"{reprlib.repr(entry)}"
             )
-        try:
-            re.compile(entry["source"])
-        except re.error as e:
-            raise RuleError(
-                f"{label}: source {entry['source']!r} is not a valid regular expression ({e})"
-            ) from e
+        _check_regex(entry["source"], f"{label}: source")
         out.append(SourceOps(entry["source"], tuple(entry["ops"]), label))
     return out
 
